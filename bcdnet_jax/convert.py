@@ -1,0 +1,303 @@
+"""PyTorch state dict <-> model state.
+
+One name table per family maps our module paths to the authors' torch module names; the
+leaf names and layouts follow from the layer type (conv OIHW <-> HWIO, linear (out, in)
+<-> (in, out), learnable biases (1, C, 1, 1) <-> (C,), BN weight/running_* <-> scale/
+mean/var). Import is strict: every missing, unexpected or mis-shaped tensor is reported by
+name and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import zipfile
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bcdnet_jax import layers, models
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be imported; the message names what is wrong."""
+
+
+# --- name tables ---------------------------------------------------------------------------
+# (regex on our dotted module path, torch module name); first full match wins.
+_STEM_MLP_HEAD = [
+    (r"features\.0\.conv", r"feature.0.conv1"),
+    (r"features\.0\.bn", r"feature.0.bn1"),
+    (r"mlp\.(\d+)\.(\d+)\.act\.bias", r"mlp_layer.\1.mlp_layer.\2.move0"),
+    (r"mlp\.(\d+)\.(\d+)\.act\.dynamic\.(\w+)", r"mlp_layer.\1.mlp_layer.\2.dyn0.\3"),
+    (r"mlp\.(\d+)\.(\d+)\.token_mlp", r"mlp_layer.\1.mlp_layer.\2.binary_conv"),
+    (r"mlp\.(\d+)\.(\d+)\.short_mlp", r"mlp_layer.\1.mlp_layer.\2.binary_conv1"),
+    (r"mlp\.(\d+)\.(\d+)\.long_mlp", r"mlp_layer.\1.mlp_layer.\2.binary_conv2"),
+    (r"mlp\.(\d+)\.(\d+)\.bn", r"mlp_layer.\1.mlp_layer.\2.bn1"),
+    (r"mlp\.(\d+)\.(\d+)\.rprelu\.shift_in", r"mlp_layer.\1.mlp_layer.\2.move1"),
+    (r"mlp\.(\d+)\.(\d+)\.rprelu\.prelu", r"mlp_layer.\1.mlp_layer.\2.prelu"),
+    (r"mlp\.(\d+)\.(\d+)\.rprelu\.shift_out", r"mlp_layer.\1.mlp_layer.\2.move2"),
+    (r"head", r"fc"),
+    (r"head_dist", r"fc_dist"),
+]
+
+# The released BCDNet-A / ReActNet-A layout (`feature.i` basic blocks, `mlp_layer.g.mlp_layer.j`).
+MOBILENET_TABLE = _STEM_MLP_HEAD + [
+    (r"features\.(\d+)\.act1\.bias", r"feature.\1.move11"),
+    (r"features\.(\d+)\.act1\.dynamic\.(\w+)", r"feature.\1.dyn1.\2"),
+    (r"features\.(\d+)\.conv3x3", r"feature.\1.binary_3x3"),
+    (r"features\.(\d+)\.bn1", r"feature.\1.bn1"),
+    (r"features\.(\d+)\.rprelu1\.shift_in", r"feature.\1.move12"),
+    (r"features\.(\d+)\.rprelu1\.prelu", r"feature.\1.prelu1"),
+    (r"features\.(\d+)\.rprelu1\.shift_out", r"feature.\1.move13"),
+    (r"features\.(\d+)\.act2\.bias", r"feature.\1.move21"),
+    (r"features\.(\d+)\.act2\.dynamic\.(\w+)", r"feature.\1.dyn2.\2"),
+    (r"features\.(\d+)\.pw", r"feature.\1.binary_pw"),
+    (r"features\.(\d+)\.pw_down(\d)", r"feature.\1.binary_pw_down\2"),
+    (r"features\.(\d+)\.(bn2|bn2_1|bn2_2)", r"feature.\1.\2"),
+    (r"features\.(\d+)\.rprelu2\.shift_in", r"feature.\1.move22"),
+    (r"features\.(\d+)\.rprelu2\.prelu", r"feature.\1.prelu2"),
+    (r"features\.(\d+)\.rprelu2\.shift_out", r"feature.\1.move23"),
+]
+
+# ResNet-18 family: no released checkpoint exists, so this is our own layout in the same
+# style (`feature.i` blocks with the ReActNet-18 names move0/binary_conv/bn1/move1/...).
+RESNET18_TABLE = _STEM_MLP_HEAD + [
+    (r"features\.(\d+)\.act\.bias", r"feature.\1.move0"),
+    (r"features\.(\d+)\.act\.dynamic\.(\w+)", r"feature.\1.dyn0.\2"),
+    (r"features\.(\d+)\.conv3x3", r"feature.\1.binary_conv"),
+    (r"features\.(\d+)\.bn", r"feature.\1.bn1"),
+    (r"features\.(\d+)\.downsample\.conv", r"feature.\1.downsample.1"),
+    (r"features\.(\d+)\.downsample\.bn", r"feature.\1.downsample.2"),
+    (r"features\.(\d+)\.rprelu\.shift_in", r"feature.\1.move1"),
+    (r"features\.(\d+)\.rprelu\.prelu", r"feature.\1.prelu"),
+    (r"features\.(\d+)\.rprelu\.shift_out", r"feature.\1.move2"),
+]
+
+# torchvision's ResNet-50 names are ours already (conv1, bn1, layerN.i.convK, downsample.0/1).
+RESNET50_TABLE: list[tuple[str, str]] = []
+
+TABLES = {"mobilenet": MOBILENET_TABLE, "resnet18": RESNET18_TABLE,
+          "resnet50": RESNET50_TABLE}
+
+# Per layer type: (our attribute, torch leaf name, layout kind).
+LEAVES: dict[type, list[tuple[str, str, str]]] = {
+    layers.Conv: [("kernel", "weight", "conv")],
+    layers.BinaryConv: [("kernel", "weight", "conv")],
+    layers.Linear: [("kernel", "weight", "linear"), ("bias", "bias", "plain")],
+    layers.BatchNorm: [("scale", "weight", "plain"), ("bias", "bias", "plain"),
+                       ("mean", "running_mean", "plain"), ("var", "running_var", "plain"),
+                       ("count", "num_batches_tracked", "count")],
+    layers.LearnableBias: [("bias", "bias", "bias4d")],
+    layers.PReLU: [("slope", "weight", "plain")],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  path: tuple  # our path to the Variable in the model graph
+  torch_key: str
+  kind: str  # layout: conv, linear, bias4d, plain, count
+
+
+def to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (3, 2, 0, 1))  # HWIO -> OIHW
+  if kind == "linear":
+    return np.transpose(x, (1, 0))  # (in, out) -> (out, in)
+  if kind == "bias4d":
+    return x.reshape(1, -1, 1, 1)
+  if kind == "count":
+    return np.asarray(x, np.int64)
+  return x
+
+
+def from_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (2, 3, 1, 0))  # OIHW -> HWIO
+  if kind == "linear":
+    return np.transpose(x, (1, 0))
+  if kind == "bias4d":
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[2:] != (1, 1):
+      return x  # wrong shape: reported by the shape check
+    return x.reshape(-1)
+  if kind == "count":
+    return np.asarray(x, np.int32)
+  return x
+
+
+def _torch_module_name(path: str, table) -> str:
+  for pattern, repl in table:
+    if re.fullmatch(pattern, path):
+      return re.sub(pattern, repl, path)
+  return path
+
+
+def torch_entries(model: nnx.Module) -> list[Entry]:
+  """Every Variable of `model` with its torch key and layout kind, in model order."""
+  table = TABLES[model.spec.family]
+  entries = []
+  for path, node in nnx.iter_graph(model):
+    spec = LEAVES.get(type(node))
+    if spec is None:
+      continue
+    name = _torch_module_name(".".join(str(p) for p in path), table)
+    for attr, leaf, kind in spec:
+      if getattr(node, attr, None) is not None:
+        entries.append(Entry(tuple(path) + (attr,), f"{name}.{leaf}", kind))
+  return entries
+
+
+def _get(model, path):
+  node = model
+  for p in path:
+    node = node[p] if isinstance(p, int) else getattr(node, p)
+  return node
+
+
+def to_torch_state_dict(model: nnx.Module, *, prefix: str = "", as_numpy: bool = False):
+  """The model's state in the authors' key layout (NCHW), as torch tensors.
+
+  `prefix='module.'` gives the keys of the released (DataParallel) checkpoints.
+  """
+  out = {}
+  for e in torch_entries(model):
+    out[prefix + e.torch_key] = to_torch_layout(e.kind, np.asarray(_get(model, e.path).value))
+  if as_numpy:
+    return out
+  import torch
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def state_to_torch_names(model: nnx.Module, state: nnx.State) -> dict[str, np.ndarray]:
+  """Maps any state shaped like part of `model` (e.g. gradients) to torch names/layout."""
+  flat = {tuple(k): v for k, v in nnx.to_flat_state(state)}
+  out = {}
+  for e in torch_entries(model):
+    if e.path in flat:
+      v = flat[e.path]
+      out[e.torch_key] = to_torch_layout(e.kind, np.asarray(getattr(v, "value", v)))
+  return out
+
+
+# --- reading checkpoints -------------------------------------------------------------------
+
+def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.ndarray]:
+  """Loads a torch checkpoint safely (weights_only: no pickled code runs) as numpy.
+
+  Accepts the released `{'model': ...}` dict, `{'state_dict': ...}`, a bare state dict,
+  keys with or without `module.`; `key` picks another entry (e.g. 'ema').
+  """
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path}: is a directory, expected a torch checkpoint file")
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError("reading PyTorch checkpoints needs torch: "
+                          "pip install 'bcdnet-jax[torch]'") from e
+  import pickle
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(
+        f"{path}: refused to load: the file holds pickled objects other than tensors "
+        f"(loading it could execute code; only weights_only loading is allowed): "
+        f"{first}") from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
+                          f"another format): {type(e).__name__}: {e}") from None
+  return _extract_state_dict(obj, path, key)
+
+
+def _extract_state_dict(obj: Any, path: str, key: str | None) -> dict[str, np.ndarray]:
+  import torch
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path}: expected a dict of tensors, found "
+                          f"{type(obj).__name__}")
+  if key is not None:
+    if key not in obj:
+      raise ConversionError(f"{path}: no entry {key!r}; entries: {sorted(obj)}")
+    sd = obj[key]
+  elif "model" in obj and isinstance(obj["model"], Mapping):
+    sd = obj["model"]
+  elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    sd = obj["state_dict"]
+  else:
+    sd = obj
+  if not isinstance(sd, Mapping) or not sd:
+    raise ConversionError(f"{path}: no state dict found (entries: {sorted(obj)})")
+  bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+  if bad:
+    raise ConversionError(f"{path}: not a state dict: entries that are not tensors: "
+                          f"{bad[:10]}")
+  keys = list(sd)
+  if all(k.startswith("module.") for k in keys):
+    keys = [k[len("module."):] for k in keys]
+  return {k: v.detach().cpu().numpy() for k, v in zip(keys, sd.values())}
+
+
+def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
+                    source: str = "state dict") -> dict:
+  """Copies a torch-layout state dict into `model`, strictly; returns a report.
+
+  `num_batches_tracked` may be absent (SyncBN checkpoints); anything else missing,
+  unexpected or mis-shaped raises ConversionError naming every offending key, and the
+  model is left untouched.
+  """
+  entries = torch_entries(model)
+  expected = {e.torch_key for e in entries}
+  missing, mismatched, values = [], [], {}
+  for e in entries:
+    var = _get(model, e.path)
+    if e.torch_key not in sd:
+      if e.kind != "count":
+        missing.append(e.torch_key)
+      continue
+    raw = np.asarray(sd[e.torch_key])
+    x = from_torch_layout(e.kind, raw)
+    if tuple(x.shape) != tuple(var.value.shape):
+      want = to_torch_layout(e.kind, np.zeros(var.value.shape, np.float32)).shape
+      mismatched.append(f"{e.torch_key}: checkpoint {tuple(raw.shape)}, model {tuple(want)}")
+      continue
+    values[e.path] = x.astype(var.value.dtype)
+  unexpected = sorted(set(sd) - expected)
+  if missing or unexpected or mismatched:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} missing keys: {', '.join(missing)}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected)}")
+    if mismatched:
+      parts.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched)}")
+    raise ConversionError(f"{source} does not match {_describe(model)}:\n  "
+                          + "\n  ".join(parts))
+  for path, x in values.items():
+    _get(model, path).value = jnp.asarray(x)
+  n_float = sum(int(np.size(v)) for p, v in values.items() if v.dtype != np.int32)
+  return {"tensors_mapped": len(values),
+          "values_mapped": n_float,
+          "bytes_mapped": int(sum(np.asarray(v).nbytes for v in values.values()))}
+
+
+def _describe(model) -> str:
+  s = model.spec
+  return f"model family={s.family} stage={s.stage} num_classes={s.num_classes} " \
+         f"channels={list(s.channels)}"
+
+
+def from_torch_state_dict(sd: Mapping[str, np.ndarray], spec: models.ModelSpec, *,
+                          source: str = "state dict") -> tuple[nnx.Module, dict]:
+  """Builds the model `spec` describes and fills it from a torch-layout state dict."""
+  model = models.build(spec)
+  report = load_state_dict(model, sd, source=source)
+  return model, report
+
+
+__all__ = ["ConversionError", "torch_entries", "to_torch_state_dict", "state_to_torch_names",
+           "read_torch_checkpoint", "load_state_dict", "from_torch_state_dict"]

@@ -1,0 +1,214 @@
+"""Layers of BCDNet in NHWC: learnable bias, RPReLU, (binary) convolutions, BatchNorm.
+
+Everything here computes exactly what the released PyTorch layer computes (up to the
+NCHW -> NHWC layout), so converted checkpoints reproduce the authors' outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bcdnet_jax import binarize
+
+# PyTorch's default init for conv and linear weights: kaiming_uniform(a=sqrt(5)), which is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in):
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def binary_weight_init(key, shape, dtype=jnp.float32):
+  """The released binary convs start at U(0, 0.001); used for fresh stage-2 weights."""
+  return jax.random.uniform(key, shape, dtype, 0.0, 1e-3)
+
+
+class LearnableBias(nnx.Module):
+  """x + b per channel (the RSign threshold / RPReLU shifts; torch `moveN`)."""
+
+  def __init__(self, features: int):
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+  def __call__(self, x):
+    return x + self.bias.value
+
+
+class PReLU(nnx.Module):
+  """Per-channel PReLU with torch's initial slope 0.25."""
+
+  def __init__(self, features: int, init_slope: float = 0.25):
+    self.slope = nnx.Param(jnp.full((features,), init_slope, jnp.float32))
+
+  def __call__(self, x):
+    return jnp.where(x >= 0, x, self.slope.value * x)
+
+
+class RPReLU(nnx.Module):
+  """ReActNet's RPReLU: shift, per-channel PReLU, shift."""
+
+  def __init__(self, features: int):
+    self.shift_in = LearnableBias(features)
+    self.prelu = PReLU(features)
+    self.shift_out = LearnableBias(features)
+
+  def __call__(self, x):
+    return self.shift_out(self.prelu(self.shift_in(x)))
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over all axes but the last, with torch's semantics.
+
+  eps 1e-5, momentum 0.1 in torch terms, normalisation with the biased batch variance
+  but the running variance updated with the unbiased one (n / (n - 1)), which is where
+  Flax's own BatchNorm differs. `count` is torch's `num_batches_tracked`. Under `jax.jit`
+  with a sharded batch the mean is over the global batch (what SyncBN gave the authors).
+  """
+
+  def __init__(self, features: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.eps = eps
+    self.momentum = momentum
+    self.use_running_average = False
+
+  def __call__(self, x):
+    if self.use_running_average:
+      mean, var = self.mean.value, self.var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
+      self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(unbiased)
+      self.count.value = self.count.value + 1
+    inv = jax.lax.rsqrt(var + self.eps) * self.scale.value
+    return ((x - mean) * inv + self.bias.value).astype(x.dtype)
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int = 0):
+  """NHWC x HWIO cross-correlation with symmetric zero padding (torch's Conv2d)."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nnx.Module):
+  """Real-valued convolution without bias (stem, shortcuts, the ResNet-50 teacher)."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int,
+               stride: int = 1, padding: int = 0, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(torch_default_init(
+        rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
+    self.stride = stride
+    self.padding = padding
+
+  def __call__(self, x):
+    return conv2d(x, self.kernel.value, self.stride, self.padding)
+
+
+class BinaryConv(nnx.Module):
+  """Convolution of binary activations whose weight is real (stage 1) or binary (stage 2).
+
+  The parameter is the same real `kernel` in both stages, so a stage-1 state loads into a
+  stage-2 model unchanged; stage 2 only binarises it on the fly with a per-output-channel
+  scale. The input is expected to be binary already (the block applies the sign).
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
+               stride: int = 1, padding: int = 0, *, binary_weights: bool,
+               rngs: nnx.Rngs):
+    init = binary_weight_init if binary_weights else torch_default_init
+    self.kernel = nnx.Param(init(
+        rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
+    self.stride = stride
+    self.padding = padding
+    self.binary_weights = binary_weights
+
+  def weight(self):
+    w = self.kernel.value
+    return binarize.binarize_weight(w) if self.binary_weights else w
+
+  def __call__(self, x):
+    return conv2d(x, self.weight(), self.stride, self.padding)
+
+
+class Linear(nnx.Module):
+  """Dense layer with torch's default init; `kernel` is (in, out)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               kernel_init=None, rngs: nnx.Rngs):
+    init = kernel_init or torch_default_init
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
+    self.bias = (nnx.Param(_torch_bias_init(in_features)(rngs.params(), (out_features,)))
+                 if use_bias else None)
+
+  def __call__(self, x):
+    y = x @ self.kernel.value
+    return y + self.bias.value if self.bias is not None else y
+
+
+def avg_pool_2x2(x):
+  """2x2 average pooling, stride 2, floor mode (torch's AvgPool2d(2, 2))."""
+  return nnx.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def max_pool_3x3(x):
+  """3x3 max pooling, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1))."""
+  return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def group_shift(x, shift_h: int, shift_w: int):
+  """Circular shift of four channel groups: +h, -h along H, +w, -w along W.
+
+  The channels split into 4 equal consecutive groups g0..g3; g0 rolls by +shift_h along
+  H, g1 by -shift_h, g2 by +shift_w along W, g3 by -shift_w, with wrap-around (torch.roll:
+  the element at index i moves to i + shift). This is the released long/short-range
+  token mixing; the paper's figure draws zero padding, the released code wraps.
+  """
+  c = x.shape[-1]
+  if c % 4:
+    raise ValueError(f"group_shift needs channels divisible by 4, got {c}")
+  g0, g1, g2, g3 = jnp.split(x, 4, axis=-1)
+  return jnp.concatenate([
+      jnp.roll(g0, shift_h, axis=1), jnp.roll(g1, -shift_h, axis=1),
+      jnp.roll(g2, shift_w, axis=2), jnp.roll(g3, -shift_w, axis=2)], axis=-1)
+
+
+def long_range_shifts(mode: str | int, height: int, width: int) -> tuple[int, int]:
+  """The long-range shift: 3 as released, (h//2, w//2) as in the paper, or an int."""
+  if mode == "released":
+    return 3, 3
+  if mode == "paper":
+    return height // 2, width // 2
+  if isinstance(mode, int) and not isinstance(mode, bool):
+    return mode, mode
+  raise ValueError(f"unknown shift mode {mode!r}; expected 'released', 'paper' or an int")
+
+
+def global_avg_pool(x):
+  return jnp.mean(x, axis=(1, 2))
+
+
+__all__: Sequence[str] = [
+    "LearnableBias", "PReLU", "RPReLU", "BatchNorm", "Conv", "BinaryConv", "Linear",
+    "conv2d", "avg_pool_2x2", "max_pool_3x3", "group_shift", "long_range_shifts",
+    "global_avg_pool",
+]

@@ -1,0 +1,314 @@
+"""The model family: one `BCDNet` class driven by a `ModelSpec`, and the ResNet-50 teacher.
+
+Named presets (`bcdnet_a`, `reactnet_a`, ...) are specs; `create_model(name, stage=...,
+**overrides)` builds any of them. Stage 1 and stage 2 differ only in whether binary convs
+binarise their weight, so parameter names and shapes are the same in both stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bcdnet_jax import blocks
+from bcdnet_jax.layers import (BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3)
+
+BCDNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 1024)
+REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything that decides the architecture; recorded beside checkpoints.
+
+  family: 'mobilenet' (ReActNet-A backbone: 3x3 stem + basic blocks from `channels`),
+    'resnet18' (7x7 stem + max-pool + `blocks_per_stage` ResNet-18 blocks at `channels`
+    per stage) or 'resnet50' (the real-valued torchvision teacher).
+  mlp_groups / mlp_group: the binary MLP stage after the last conv block, `mlp_groups`
+    repeats of the block kinds in `mlp_group` ('lsr' long-short-range, 'pw' point-wise),
+    at the width of the last conv block.
+  strides: mobilenet block strides; empty = the released rule (`block_strides`).
+  shift_mode: long-range shift, 'released' (3), 'paper' (h//2, w//2) or an int.
+  dynamic: BCDNet-B's dynamic thresholds at every binary conv (or 3x3 ones only).
+  """
+
+  family: str = "mobilenet"
+  channels: tuple[int, ...] = BCDNET_A_CHANNELS
+  strides: tuple[int, ...] = ()
+  blocks_per_stage: tuple[int, ...] = ()
+  mlp_groups: int = 0
+  mlp_group: tuple[str, ...] = ("lsr", "lsr", "lsr", "pw")
+  shift_mode: Any = "released"
+  dynamic: bool = False
+  dynamic_reduction: int = 4
+  dynamic_relu: bool = False
+  dynamic_3x3_only: bool = False
+  stage: int = 2
+  num_classes: int = 1000
+  in_channels: int = 3
+
+  def validate(self):
+    if self.family not in ("mobilenet", "resnet18", "resnet50"):
+      raise ValueError(f"model spec: unknown family {self.family!r}")
+    if self.stage not in (1, 2):
+      raise ValueError(f"model spec: stage must be 1 or 2, got {self.stage!r}")
+    if self.num_classes < 1:
+      raise ValueError(f"model spec: num_classes must be positive, got {self.num_classes}")
+    if not self.channels or any(int(c) < 1 for c in self.channels):
+      raise ValueError(f"model spec: channels must be positive ints, got {self.channels}")
+    if self.family == "mobilenet":
+      for a, b in zip(self.channels[1:], self.channels[2:]):
+        if b not in (a, 2 * a):
+          raise ValueError(f"model spec: channels {list(self.channels)}: a basic block "
+                           f"goes from C to C or 2C, not {a} -> {b}")
+      if self.channels[1] not in (self.channels[0], 2 * self.channels[0]):
+        raise ValueError(f"model spec: channels {list(self.channels)}: the first block "
+                         f"goes from C to C or 2C")
+    if self.family == "resnet18" and len(self.blocks_per_stage) != len(self.channels):
+      raise ValueError("model spec: resnet18 needs one blocks_per_stage entry per stage "
+                       f"width, got {self.blocks_per_stage} for {self.channels}")
+    bad = set(self.mlp_group) - {"lsr", "pw"}
+    if bad:
+      raise ValueError(f"model spec: mlp_group kinds must be 'lsr' or 'pw', got {bad}")
+    if self.mlp_groups and self.channels[-1] % 4:
+      raise ValueError(f"model spec: the MLP stage width {self.channels[-1]} must be "
+                       "divisible by 4 (four shift groups)")
+    if self.mlp_groups < 0:
+      raise ValueError("model spec: mlp_groups must be >= 0")
+    return self
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    for k, v in d.items():
+      if isinstance(v, tuple):
+        d[k] = list(v)
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "ModelSpec":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"model spec: unknown fields {sorted(unknown)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**d).validate()
+
+
+PRESETS: dict[str, dict] = {
+    # The released model: ReActNet-A backbone with the last 512-channel blocks and the
+    # 1024 -> 1024 block replaced by 3 MLP groups at 7 x 7 tokens.
+    "bcdnet_a": dict(family="mobilenet", channels=BCDNET_A_CHANNELS, mlp_groups=3),
+    "bcdnet_b": dict(family="mobilenet", channels=BCDNET_A_CHANNELS, mlp_groups=3,
+                     dynamic=True),
+    "reactnet_a": dict(family="mobilenet", channels=REACTNET_A_CHANNELS, mlp_groups=0),
+    "reactnet_r18": dict(family="resnet18", channels=(64, 128, 256, 512),
+                         blocks_per_stage=(4, 4, 4, 4), mlp_groups=0),
+    # Not published: the last two 3x3 blocks of stage 4 become two groups of three
+    # long-short-range blocks (three 1x1 binary convs cost one 3x3 conv), so the binary
+    # operation count equals reactnet_r18's exactly.
+    "bcdnet_a_r18": dict(family="resnet18", channels=(64, 128, 256, 512),
+                         blocks_per_stage=(4, 4, 4, 2), mlp_groups=2,
+                         mlp_group=("lsr", "lsr", "lsr")),
+    "bcdnet_b_r18": dict(family="resnet18", channels=(64, 128, 256, 512),
+                         blocks_per_stage=(4, 4, 4, 2), mlp_groups=2,
+                         mlp_group=("lsr", "lsr", "lsr"), dynamic=True),
+    "resnet50": dict(family="resnet50", channels=(64, 128, 256, 512),
+                     blocks_per_stage=(3, 4, 6, 3)),
+}
+
+
+def get_spec(name: str, *, stage: int = 2, num_classes: int = 1000,
+             **overrides) -> ModelSpec:
+  """The preset `name` with overrides applied (e.g. channels=[...], mlp_groups=1)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model name {name!r}; expected one of {sorted(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(ModelSpec)}
+  kw = dict(PRESETS[name])
+  mlp_width = overrides.pop("mlp_width", None)
+  for k, v in overrides.items():
+    if k not in fields:
+      raise ValueError(f"unknown override {k!r} for model {name!r}; expected one of "
+                       f"{sorted(fields - {'stage', 'num_classes'}) + ['mlp_width']}")
+    kw[k] = tuple(v) if isinstance(v, list) else v
+  if mlp_width is not None:
+    # The MLP stage runs at the width of the last conv block (no projection between).
+    ch = list(kw["channels"])
+    if "channels" in overrides and ch[-1] != mlp_width:
+      raise ValueError(f"override mlp_width={mlp_width} contradicts channels[-1]={ch[-1]}")
+    ch[-1] = int(mlp_width)
+    kw["channels"] = tuple(ch)
+  kw.update(stage=stage, num_classes=num_classes)
+  return ModelSpec(**kw).validate()
+
+
+def block_strides(spec: ModelSpec) -> tuple[int, ...]:
+  """Strides of the basic blocks after the stem.
+
+  The released rule, kept literally: stride 2 where the width changes, except into a
+  64-channel block. At full width that is "all width changes but 32 -> 64"; at reduced
+  width (the fixtures' [4, 8, 16, ...]) it strides at 4 -> 8 but not at 32 -> 64, which
+  is what the authors' code computes. `spec.strides` overrides it.
+  """
+  ch = [int(c) for c in spec.channels]
+  if spec.strides:
+    if len(spec.strides) != len(ch) - 1 or set(spec.strides) - {1, 2}:
+      raise ValueError(f"model spec: strides must be {len(ch) - 1} values of 1 or 2 (one "
+                       f"per block after the stem), got {list(spec.strides)}")
+    return tuple(int(s) for s in spec.strides)
+  return tuple(2 if (ch[i] != ch[i - 1] and ch[i] != 64) else 1 for i in range(1, len(ch)))
+
+
+class Stem(nnx.Module):
+  """Real-valued first conv + BN (3x3 stride 2 for ReActNet-A; 7x7 + max-pool for R18)."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
+               max_pool: bool, rngs: nnx.Rngs):
+    self.conv = Conv(in_features, out_features, kernel_size, 2, kernel_size // 2,
+                     rngs=rngs)
+    self.bn = BatchNorm(out_features)
+    self.max_pool = max_pool
+
+  def __call__(self, x):
+    x = self.bn(self.conv(x))
+    return max_pool_3x3(x) if self.max_pool else x
+
+
+class BCDNet(nnx.Module):
+  """BCDNet / ReActNet on either backbone, built from a `ModelSpec`.
+
+  `model(x)` maps normalised NHWC float32 images to logits: in training mode the pair
+  (fc, fc_dist) of the two heads, in evaluation mode (`model.eval()`) their mean.
+  """
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    spec.validate()
+    self.spec = spec
+    bw = spec.stage == 2
+    dyn = (dict(reduction=spec.dynamic_reduction, relu=spec.dynamic_relu)
+           if spec.dynamic else None)
+    mlp_dyn = None if spec.dynamic_3x3_only else dyn
+    ch = [int(c) for c in spec.channels]
+    if spec.family == "mobilenet":
+      features: list[nnx.Module] = [Stem(spec.in_channels, ch[0], 3, max_pool=False,
+                                         rngs=rngs)]
+      for i, stride in enumerate(block_strides(spec), start=1):
+        features.append(blocks.BasicBlock(
+            ch[i - 1], ch[i], stride, binary_weights=bw, dynamic=dyn,
+            dynamic_3x3_only=spec.dynamic_3x3_only, rngs=rngs))
+    else:
+      features = [Stem(spec.in_channels, ch[0], 7, max_pool=True, rngs=rngs)]
+      prev = ch[0]
+      for s, (width, n) in enumerate(zip(ch, spec.blocks_per_stage)):
+        for j in range(n):
+          stride = 2 if (s > 0 and j == 0) else 1
+          features.append(blocks.ResNet18Block(prev, width, stride, binary_weights=bw,
+                                               dynamic=dyn, rngs=rngs))
+          prev = width
+    self.features = nnx.List(features)
+    width = ch[-1]
+    groups = []
+    for _ in range(spec.mlp_groups):
+      group = []
+      for kind in spec.mlp_group:
+        if kind == "lsr":
+          group.append(blocks.LongShortRangeBlock(width, binary_weights=bw,
+                                                  shift_mode=spec.shift_mode,
+                                                  dynamic=mlp_dyn, rngs=rngs))
+        else:
+          group.append(blocks.PointwiseBlock(width, binary_weights=bw, dynamic=mlp_dyn,
+                                             rngs=rngs))
+      groups.append(nnx.List(group))
+    self.mlp = nnx.List(groups)
+    self.head = Linear(width, spec.num_classes, rngs=rngs)
+    self.head_dist = Linear(width, spec.num_classes, rngs=rngs)
+    self.deterministic = False
+
+  def features_and_pool(self, x):
+    for layer in self.features:
+      x = layer(x)
+    for group in self.mlp:
+      for block in group:
+        x = block(x)
+    return global_avg_pool(x)
+
+  def __call__(self, x):
+    _check_images(x, self.spec.in_channels)
+    z = self.features_and_pool(x)
+    logits, logits_dist = self.head(z), self.head_dist(z)
+    if self.deterministic:
+      return (logits + logits_dist) / 2
+    return logits, logits_dist
+
+
+class ResNet50(nnx.Module):
+  """torchvision's real-valued ResNet-50 (the distillation teacher); one head."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    spec.validate()
+    self.spec = spec
+    base = int(spec.channels[0])
+    self.conv1 = Conv(spec.in_channels, base, 7, 2, 3, rngs=rngs)
+    self.bn1 = BatchNorm(base)
+    prev = base
+    for s, (width, n) in enumerate(zip(spec.channels, spec.blocks_per_stage)):
+      layer = []
+      for j in range(n):
+        stride = 2 if (s > 0 and j == 0) else 1
+        layer.append(blocks.Bottleneck(prev, int(width), stride, rngs=rngs))
+        prev = int(width) * blocks.Bottleneck.expansion
+      setattr(self, f"layer{s + 1}", nnx.List(layer))
+    self.num_stages = len(spec.channels)
+    self.fc = Linear(prev, spec.num_classes, rngs=rngs)
+    self.deterministic = False
+
+  def __call__(self, x):
+    _check_images(x, self.spec.in_channels)
+    x = max_pool_3x3(jnp.maximum(self.bn1(self.conv1(x)), 0))
+    for s in range(self.num_stages):
+      for block in getattr(self, f"layer{s + 1}"):
+        x = block(x)
+    return self.fc(global_avg_pool(x))
+
+
+def _check_images(x, channels):
+  if x.ndim != 4 or x.shape[-1] != channels:
+    raise ValueError(f"expected NHWC images with {channels} channels, got shape "
+                     f"{tuple(x.shape)} (NCHW input must be transposed to NHWC)")
+
+
+def build(spec: ModelSpec, *, seed: int = 0) -> nnx.Module:
+  """Instantiates the model a spec describes (training mode)."""
+  cls = ResNet50 if spec.family == "resnet50" else BCDNet
+  return cls(spec, rngs=nnx.Rngs(seed))
+
+
+def create_model(name: str, *, stage: int = 2, num_classes: int = 1000, seed: int = 0,
+                 **overrides) -> nnx.Module:
+  """Builds model `name` ('bcdnet_a', 'bcdnet_b', 'reactnet_a', 'reactnet_r18',
+  'bcdnet_a_r18', 'bcdnet_b_r18', 'resnet50') for `stage` 1 or 2.
+
+  Overrides are ModelSpec fields (channels, blocks_per_stage, mlp_groups, mlp_group,
+  shift_mode, dynamic*, ...) plus `mlp_width` (the width of the last block and the MLP
+  stage). Returned in training mode; call `.eval()` for inference.
+  """
+  return build(get_spec(name, stage=stage, num_classes=num_classes, **overrides),
+               seed=seed)
+
+
+def abstract_model(spec: ModelSpec) -> nnx.Module:
+  """The model with shapes only (no allocation), for counting and restoring."""
+  return nnx.eval_shape(lambda: build(spec))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (BN running statistics excluded)."""
+  state = nnx.state(model, nnx.Param)
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+MODEL_NAMES: Sequence[str] = tuple(PRESETS)
