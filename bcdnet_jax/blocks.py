@@ -54,6 +54,7 @@ class BinaryActivation(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, dynamic: dict | None,
                sign: str = "approx", rngs: nnx.Rngs):
+    binarize.get_sign(sign)  # fail early on an unknown name
     self.bias = LearnableBias(in_features)
     self.dynamic = (DynamicThreshold(in_features, out_features, rngs=rngs, **dynamic)
                     if dynamic is not None else None)
@@ -77,18 +78,18 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, stride: int, *,
                binary_weights: bool, dynamic: dict | None = None,
-               dynamic_3x3_only: bool = False, rngs: nnx.Rngs):
+               dynamic_3x3_only: bool = False, sign: str = "approx", rngs: nnx.Rngs):
     if out_features not in (in_features, 2 * in_features):
       raise ValueError(f"BasicBlock goes from C to C or 2C channels, got "
                        f"{in_features} -> {out_features}")
     i, o = in_features, out_features
     self.stride = stride
-    self.act1 = BinaryActivation(i, i, dynamic=dynamic, rngs=rngs)
+    self.act1 = BinaryActivation(i, i, dynamic=dynamic, sign=sign, rngs=rngs)
     self.conv3x3 = BinaryConv(i, i, 3, stride, 1, binary_weights=binary_weights, rngs=rngs)
     self.bn1 = BatchNorm(i)
     self.rprelu1 = RPReLU(i)
     self.act2 = BinaryActivation(i, o, dynamic=None if dynamic_3x3_only else dynamic,
-                                 rngs=rngs)
+                                 sign=sign, rngs=rngs)
     self.doubles = o == 2 * i
     if self.doubles:
       self.pw_down1 = BinaryConv(i, i, binary_weights=binary_weights, rngs=rngs)
@@ -125,9 +126,9 @@ class LongShortRangeBlock(nnx.Module):
   """
 
   def __init__(self, features: int, *, binary_weights: bool, shift_mode="released",
-               dynamic: dict | None = None, rngs: nnx.Rngs):
+               dynamic: dict | None = None, sign: str = "approx", rngs: nnx.Rngs):
     c = features
-    self.act = BinaryActivation(c, c, dynamic=dynamic, rngs=rngs)
+    self.act = BinaryActivation(c, c, dynamic=dynamic, sign=sign, rngs=rngs)
     self.token_mlp = BinaryConv(c, c, binary_weights=binary_weights, rngs=rngs)
     self.short_mlp = BinaryConv(c, c, binary_weights=binary_weights, rngs=rngs)
     self.long_mlp = BinaryConv(c, c, binary_weights=binary_weights, rngs=rngs)
@@ -147,9 +148,9 @@ class PointwiseBlock(nnx.Module):
   """Point-wise binary block: y = BN(P(sign(x + b0))) + x;  out = RPReLU(y)."""
 
   def __init__(self, features: int, *, binary_weights: bool, dynamic: dict | None = None,
-               rngs: nnx.Rngs):
+               sign: str = "approx", rngs: nnx.Rngs):
     c = features
-    self.act = BinaryActivation(c, c, dynamic=dynamic, rngs=rngs)
+    self.act = BinaryActivation(c, c, dynamic=dynamic, sign=sign, rngs=rngs)
     self.token_mlp = BinaryConv(c, c, binary_weights=binary_weights, rngs=rngs)
     self.bn = BatchNorm(c)
     self.rprelu = RPReLU(c)
@@ -182,8 +183,10 @@ class ResNet18Block(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, stride: int, *,
-               binary_weights: bool, dynamic: dict | None = None, rngs: nnx.Rngs):
-    self.act = BinaryActivation(in_features, out_features, dynamic=dynamic, rngs=rngs)
+               binary_weights: bool, dynamic: dict | None = None, sign: str = "approx",
+               rngs: nnx.Rngs):
+    self.act = BinaryActivation(in_features, out_features, dynamic=dynamic, sign=sign,
+                                rngs=rngs)
     self.conv3x3 = BinaryConv(in_features, out_features, 3, stride, 1,
                               binary_weights=binary_weights, rngs=rngs)
     self.bn = BatchNorm(out_features)

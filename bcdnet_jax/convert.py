@@ -165,11 +165,11 @@ def to_torch_state_dict(model: nnx.Module, *, prefix: str = "", as_numpy: bool =
   """
   out = {}
   for e in torch_entries(model):
-    out[prefix + e.torch_key] = to_torch_layout(e.kind, np.asarray(_get(model, e.path).value))
+    out[prefix + e.torch_key] = to_torch_layout(e.kind, np.asarray(_get(model, e.path).get_value()))
   if as_numpy:
     return out
   import torch
-  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+  return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
 
 
 def state_to_torch_names(model: nnx.Module, state: nnx.State) -> dict[str, np.ndarray]:
@@ -179,7 +179,8 @@ def state_to_torch_names(model: nnx.Module, state: nnx.State) -> dict[str, np.nd
   for e in torch_entries(model):
     if e.path in flat:
       v = flat[e.path]
-      out[e.torch_key] = to_torch_layout(e.kind, np.asarray(getattr(v, "value", v)))
+      out[e.torch_key] = to_torch_layout(
+          e.kind, np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v))
   return out
 
 
@@ -252,37 +253,45 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
   """
   entries = torch_entries(model)
   expected = {e.torch_key for e in entries}
-  missing, mismatched, values = [], [], {}
+  missing, mismatched, values, defaults = [], [], {}, {}
   for e in entries:
     var = _get(model, e.path)
     if e.torch_key not in sd:
-      if e.kind != "count":
+      if e.kind == "count":  # SyncBN checkpoints have no num_batches_tracked
+        defaults[e.path] = np.zeros((), np.int32)
+      else:
         missing.append(e.torch_key)
       continue
     raw = np.asarray(sd[e.torch_key])
     x = from_torch_layout(e.kind, raw)
-    if tuple(x.shape) != tuple(var.value.shape):
-      want = to_torch_layout(e.kind, np.zeros(var.value.shape, np.float32)).shape
+    current = var.get_value()  # an array or, in an abstract model, a ShapeDtypeStruct
+    if tuple(x.shape) != tuple(current.shape):
+      want = to_torch_layout(e.kind, np.zeros(current.shape, np.float32)).shape
       mismatched.append(f"{e.torch_key}: checkpoint {tuple(raw.shape)}, model {tuple(want)}")
       continue
-    values[e.path] = x.astype(var.value.dtype)
+    values[e.path] = x.astype(current.dtype)
   unexpected = sorted(set(sd) - expected)
   if missing or unexpected or mismatched:
     parts = []
     if missing:
-      parts.append(f"{len(missing)} missing keys: {', '.join(missing)}")
+      parts.append(f"{len(missing)} missing keys: {_first(missing, ', ')}")
     if unexpected:
-      parts.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected)}")
+      parts.append(f"{len(unexpected)} unexpected keys: {_first(unexpected, ', ')}")
     if mismatched:
-      parts.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched)}")
+      parts.append(f"{len(mismatched)} shape mismatches: {_first(mismatched, '; ')}")
     raise ConversionError(f"{source} does not match {_describe(model)}:\n  "
                           + "\n  ".join(parts))
-  for path, x in values.items():
-    _get(model, path).value = jnp.asarray(x)
+  for path, x in {**defaults, **values}.items():
+    _get(model, path).set_value(jnp.asarray(x))
   n_float = sum(int(np.size(v)) for p, v in values.items() if v.dtype != np.int32)
   return {"tensors_mapped": len(values),
           "values_mapped": n_float,
           "bytes_mapped": int(sum(np.asarray(v).nbytes for v in values.values()))}
+
+
+def _first(names, sep, n=12):
+  more = f"{sep}... and {len(names) - n} more" if len(names) > n else ""
+  return sep.join(names[:n]) + more
 
 
 def _describe(model) -> str:
@@ -293,11 +302,141 @@ def _describe(model) -> str:
 
 def from_torch_state_dict(sd: Mapping[str, np.ndarray], spec: models.ModelSpec, *,
                           source: str = "state dict") -> tuple[nnx.Module, dict]:
-  """Builds the model `spec` describes and fills it from a torch-layout state dict."""
-  model = models.build(spec)
+  """Builds the model `spec` describes and fills it from a torch-layout state dict.
+
+  The model is made abstractly (shapes only) and every Variable then receives its
+  checkpoint value, so no random initialisation is computed and none survives.
+  """
+  model = models.abstract_model(spec)
   report = load_state_dict(model, sd, source=source)
   return model, report
 
 
 __all__ = ["ConversionError", "torch_entries", "to_torch_state_dict", "state_to_torch_names",
            "read_torch_checkpoint", "load_state_dict", "from_torch_state_dict"]
+
+
+# --- the whole conversion --------------------------------------------------------------------
+
+def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: int = 224,
+               batch: int = 2, seed: int = 0) -> dict:
+  """Runs the torch reference on the same weights and random images; compares logits.
+
+  Returns {'status': 'skipped', 'reason': ...} where torch or a reference is missing.
+  """
+  try:
+    import torch
+    from bcdnet_jax import torch_ref
+  except ImportError:
+    return {"status": "skipped", "reason": "torch is not installed"}
+  if not torch_ref.has_reference(model.spec):
+    return {"status": "skipped",
+            "reason": f"no torch reference for family={model.spec.family} "
+                      f"dynamic={model.spec.dynamic}"}
+  ref = torch_ref.build(model.spec)
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                      strict=True)
+  ref.eval()
+  x = np.random.default_rng(seed).standard_normal(
+      (batch, model.spec.in_channels, image_size, image_size)).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(x)).numpy()
+  model.eval()
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  model.train()
+  return {"status": "ran", "image_size": image_size, "batch": batch,
+          "max_abs_logit_diff": float(np.max(np.abs(got - expected))),
+          "max_abs_logit": float(np.max(np.abs(expected))),
+          "top1_agree": bool(np.all(got.argmax(-1) == expected.argmax(-1)))}
+
+
+def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
+                 num_classes: int = 1000, overrides: dict | None = None,
+                 ckpt_key: str | None = None, check: bool = True,
+                 check_image_size: int = 224, check_tolerance: float = 1e-3) -> dict:
+  """Converts a torch checkpoint into a model directory `out`; returns the report.
+
+  Everything is validated (keys, shapes, the self-check against the torch reference
+  when torch can run it) before anything is written; the self-check fails when the
+  largest logit difference exceeds `check_tolerance` times max(1, max |logit|).
+  """
+  from bcdnet_jax import checkpoint
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ConversionError(f"{out}: already exists and is not an empty directory; "
+                          "refusing to overwrite it")
+  spec = models.get_spec(arch, stage=stage, num_classes=num_classes, **(overrides or {}))
+  sd = read_torch_checkpoint(torch_ckpt, key=ckpt_key)
+  model, report = from_torch_state_dict(sd, spec, source=torch_ckpt)
+  report.update(source=os.path.abspath(torch_ckpt), arch=arch, stage=stage,
+                num_classes=num_classes)
+  if check:
+    report["self_check"] = chk = self_check(model, sd, image_size=check_image_size)
+    if chk["status"] == "ran":
+      limit = check_tolerance * max(1.0, chk["max_abs_logit"])
+      if chk["max_abs_logit_diff"] > limit:
+        raise ConversionError(
+            f"self-check failed: logits differ from the torch reference by "
+            f"{chk['max_abs_logit_diff']:.3g} (> {limit:.3g}); nothing written")
+  report["out"] = checkpoint.save_model(model, out, extra={"converted_from": report})
+  return report
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+  import ast
+  if "=" not in text:
+    raise ValueError(f"--override {text!r}: expected KEY=VALUE, e.g. channels=[4,8,16]")
+  key, value = text.split("=", 1)
+  try:
+    return key.strip(), ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key.strip(), value  # a bare string such as shift_mode=paper
+
+
+def main(argv=None) -> int:
+  """CLI of convert_torch_ckpt.py."""
+  import argparse
+  import json
+  import sys
+  p = argparse.ArgumentParser(prog="convert_torch_ckpt.py",
+                              description="Import a PyTorch BCDNet/ResNet-50 checkpoint.")
+  p.add_argument("--torch_ckpt", required=True, help="torch checkpoint file")
+  p.add_argument("--arch", required=True, choices=sorted(models.PRESETS))
+  p.add_argument("--stage", type=int, default=2, choices=(1, 2))
+  p.add_argument("--out", required=True, help="new model directory to write")
+  p.add_argument("--num_classes", type=int, default=1000)
+  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                 help="model spec override, e.g. channels=[4,8,16,16,32,32,64,64,64,64,128]")
+  p.add_argument("--ckpt_key", default=None,
+                 help="checkpoint entry holding the state dict (default: model, "
+                      "state_dict or the file itself); e.g. ema")
+  p.add_argument("--no_check", action="store_true", help="skip the torch self-check")
+  p.add_argument("--check_image_size", type=int, default=224)
+  p.add_argument("--check_tolerance", type=float, default=1e-3)
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  args = p.parse_args(argv)
+  try:
+    overrides = dict(_parse_override(o) for o in args.override)
+    report = convert_file(args.torch_ckpt, args.arch, args.stage, args.out,
+                          num_classes=args.num_classes, overrides=overrides,
+                          ckpt_key=args.ckpt_key, check=not args.no_check,
+                          check_image_size=args.check_image_size,
+                          check_tolerance=args.check_tolerance)
+  except ValueError as e:  # ConversionError, CheckpointError, bad specs
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(report))
+    return 0
+  print(f"converted {report['source']}")
+  print(f"  arch {args.arch}, stage {args.stage}, {args.num_classes} classes")
+  print(f"  tensors mapped: {report['tensors_mapped']} "
+        f"({report['values_mapped']:,} values, {report['bytes_mapped'] / 1e6:.2f} MB)")
+  chk = report.get("self_check", {"status": "skipped", "reason": "--no_check"})
+  if chk["status"] == "ran":
+    print(f"  self-check vs torch reference ({chk['batch']} random images at "
+          f"{chk['image_size']}px): max |logit diff| = {chk['max_abs_logit_diff']:.3g} "
+          f"(max |logit| {chk['max_abs_logit']:.3g}), top-1 agree: {chk['top1_agree']}")
+  else:
+    print(f"  self-check skipped: {chk['reason']}")
+  print(f"  wrote {report['out']}")
+  return 0

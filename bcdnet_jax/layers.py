@@ -40,7 +40,7 @@ class LearnableBias(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
 
   def __call__(self, x):
-    return x + self.bias.value
+    return x + self.bias[...]
 
 
 class PReLU(nnx.Module):
@@ -50,7 +50,7 @@ class PReLU(nnx.Module):
     self.slope = nnx.Param(jnp.full((features,), init_slope, jnp.float32))
 
   def __call__(self, x):
-    return jnp.where(x >= 0, x, self.slope.value * x)
+    return jnp.where(x >= 0, x, self.slope[...] * x)
 
 
 class RPReLU(nnx.Module):
@@ -86,7 +86,7 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x):
     if self.use_running_average:
-      mean, var = self.mean.value, self.var.value
+      mean, var = self.mean[...], self.var[...]
     else:
       axes = tuple(range(x.ndim - 1))
       xf = x.astype(jnp.float32)
@@ -95,11 +95,11 @@ class BatchNorm(nnx.Module):
       n = x.size // x.shape[-1]
       unbiased = var * (n / max(n - 1, 1))
       m = self.momentum
-      self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
-      self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(unbiased)
-      self.count.value = self.count.value + 1
-    inv = jax.lax.rsqrt(var + self.eps) * self.scale.value
-    return ((x - mean) * inv + self.bias.value).astype(x.dtype)
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+      self.count[...] = self.count[...] + 1
+    inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    return ((x - mean) * inv + self.bias[...]).astype(x.dtype)
 
 
 def conv2d(x, kernel, stride: int = 1, padding: int = 0):
@@ -121,7 +121,7 @@ class Conv(nnx.Module):
     self.padding = padding
 
   def __call__(self, x):
-    return conv2d(x, self.kernel.value, self.stride, self.padding)
+    return conv2d(x, self.kernel[...], self.stride, self.padding)
 
 
 class BinaryConv(nnx.Module):
@@ -143,7 +143,7 @@ class BinaryConv(nnx.Module):
     self.binary_weights = binary_weights
 
   def weight(self):
-    w = self.kernel.value
+    w = self.kernel[...]
     return binarize.binarize_weight(w) if self.binary_weights else w
 
   def __call__(self, x):
@@ -161,8 +161,8 @@ class Linear(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x):
-    y = x @ self.kernel.value
-    return y + self.bias.value if self.bias is not None else y
+    y = x @ self.kernel[...]
+    return y + self.bias[...] if self.bias is not None else y
 
 
 def avg_pool_2x2(x):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bcdnet_jax import blocks
+from bcdnet_jax import binarize, blocks
 from bcdnet_jax.layers import (BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3)
 
 BCDNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 1024)
@@ -35,6 +35,8 @@ class ModelSpec:
   strides: mobilenet block strides; empty = the released rule (`block_strides`).
   shift_mode: long-range shift, 'released' (3), 'paper' (h//2, w//2) or an int.
   dynamic: BCDNet-B's dynamic thresholds at every binary conv (or 3x3 ones only).
+  activation_sign: surrogate gradient of the activation sign ('approx' as released,
+    'ste' clipped or 'identity' straight-through, for ablations).
   """
 
   family: str = "mobilenet"
@@ -48,6 +50,7 @@ class ModelSpec:
   dynamic_reduction: int = 4
   dynamic_relu: bool = False
   dynamic_3x3_only: bool = False
+  activation_sign: str = "approx"
   stage: int = 2
   num_classes: int = 1000
   in_channels: int = 3
@@ -72,6 +75,7 @@ class ModelSpec:
     if self.family == "resnet18" and len(self.blocks_per_stage) != len(self.channels):
       raise ValueError("model spec: resnet18 needs one blocks_per_stage entry per stage "
                        f"width, got {self.blocks_per_stage} for {self.channels}")
+    binarize.get_sign(self.activation_sign)
     bad = set(self.mlp_group) - {"lsr", "pw"}
     if bad:
       raise ValueError(f"model spec: mlp_group kinds must be 'lsr' or 'pw', got {bad}")
@@ -192,6 +196,7 @@ class BCDNet(nnx.Module):
     dyn = (dict(reduction=spec.dynamic_reduction, relu=spec.dynamic_relu)
            if spec.dynamic else None)
     mlp_dyn = None if spec.dynamic_3x3_only else dyn
+    sg = spec.activation_sign
     ch = [int(c) for c in spec.channels]
     if spec.family == "mobilenet":
       features: list[nnx.Module] = [Stem(spec.in_channels, ch[0], 3, max_pool=False,
@@ -199,7 +204,7 @@ class BCDNet(nnx.Module):
       for i, stride in enumerate(block_strides(spec), start=1):
         features.append(blocks.BasicBlock(
             ch[i - 1], ch[i], stride, binary_weights=bw, dynamic=dyn,
-            dynamic_3x3_only=spec.dynamic_3x3_only, rngs=rngs))
+            dynamic_3x3_only=spec.dynamic_3x3_only, sign=sg, rngs=rngs))
     else:
       features = [Stem(spec.in_channels, ch[0], 7, max_pool=True, rngs=rngs)]
       prev = ch[0]
@@ -207,7 +212,7 @@ class BCDNet(nnx.Module):
         for j in range(n):
           stride = 2 if (s > 0 and j == 0) else 1
           features.append(blocks.ResNet18Block(prev, width, stride, binary_weights=bw,
-                                               dynamic=dyn, rngs=rngs))
+                                               dynamic=dyn, sign=sg, rngs=rngs))
           prev = width
     self.features = nnx.List(features)
     width = ch[-1]
@@ -218,10 +223,10 @@ class BCDNet(nnx.Module):
         if kind == "lsr":
           group.append(blocks.LongShortRangeBlock(width, binary_weights=bw,
                                                   shift_mode=spec.shift_mode,
-                                                  dynamic=mlp_dyn, rngs=rngs))
+                                                  dynamic=mlp_dyn, sign=sg, rngs=rngs))
         else:
           group.append(blocks.PointwiseBlock(width, binary_weights=bw, dynamic=mlp_dyn,
-                                             rngs=rngs))
+                                             sign=sg, rngs=rngs))
       groups.append(nnx.List(group))
     self.mlp = nnx.List(groups)
     self.head = Linear(width, spec.num_classes, rngs=rngs)
@@ -281,10 +286,15 @@ def _check_images(x, channels):
                      f"{tuple(x.shape)} (NCHW input must be transposed to NHWC)")
 
 
-def build(spec: ModelSpec, *, seed: int = 0) -> nnx.Module:
-  """Instantiates the model a spec describes (training mode)."""
+def _construct(spec: ModelSpec, seed) -> nnx.Module:
   cls = ResNet50 if spec.family == "resnet50" else BCDNet
   return cls(spec, rngs=nnx.Rngs(seed))
+
+
+def build(spec: ModelSpec, *, seed: int = 0) -> nnx.Module:
+  """Instantiates the model a spec describes (training mode)."""
+  spec.validate()
+  return _construct(spec, seed)
 
 
 def create_model(name: str, *, stage: int = 2, num_classes: int = 1000, seed: int = 0,
@@ -302,7 +312,7 @@ def create_model(name: str, *, stage: int = 2, num_classes: int = 1000, seed: in
 
 def abstract_model(spec: ModelSpec) -> nnx.Module:
   """The model with shapes only (no allocation), for counting and restoring."""
-  return nnx.eval_shape(lambda: build(spec))
+  return nnx.eval_shape(lambda: _construct(spec, 0))
 
 
 def count_params(model: nnx.Module) -> int:
