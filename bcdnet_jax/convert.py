@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import zipfile
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -210,7 +209,7 @@ def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.
         f"{path}: refused to load: the file holds pickled objects other than tensors "
         f"(loading it could execute code; only weights_only loading is allowed): "
         f"{first}") from None
-  except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+  except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
     raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
                           f"another format): {type(e).__name__}: {e}") from None
   return _extract_state_dict(obj, path, key)

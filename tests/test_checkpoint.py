@@ -1,0 +1,61 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bcdnet_jax import checkpoint, models
+
+
+@pytest.fixture(scope="module")
+def small_model():
+  m = models.create_model("bcdnet_b", stage=1, num_classes=3, channels=[8, 16, 16],
+                          mlp_groups=1, seed=7)
+  m.features[1].bn1.count[...] = 5  # non-default BN state must survive too
+  return m
+
+
+def test_save_restore_round_trip(tmp_path, small_model):
+  d = checkpoint.save_model(small_model, str(tmp_path / "m"))
+  assert sorted(os.listdir(d)) == ["model.json", "state"]
+  restored = checkpoint.restore_model(d)
+  assert restored.spec == small_model.spec and isinstance(restored, models.BCDNet)
+  a = jax.tree.leaves(nnx.state(small_model))
+  b = jax.tree.leaves(nnx.state(restored))
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(restored.features[1].bn1.count[...]) == 5
+
+
+def test_refuses_to_overwrite(tmp_path, small_model):
+  d = tmp_path / "m"
+  d.mkdir()
+  (d / "mine.txt").write_text("keep")
+  with pytest.raises(checkpoint.CheckpointError, match="refusing to overwrite"):
+    checkpoint.save_model(small_model, str(d))
+  assert os.listdir(d) == ["mine.txt"]
+  assert [p for p in os.listdir(tmp_path)] == ["m"]  # no temporary left behind
+
+
+def test_restore_errors(tmp_path, small_model):
+  with pytest.raises(checkpoint.CheckpointError, match="no such model directory"):
+    checkpoint.restore_model(str(tmp_path / "absent"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(checkpoint.CheckpointError, match="no model.json"):
+    checkpoint.restore_model(str(tmp_path / "empty"))
+  d = checkpoint.save_model(small_model, str(tmp_path / "m"))
+  meta = json.load(open(os.path.join(d, "model.json")))
+  meta["spec"]["channels"] = [8, 16, 32]  # a different architecture than the weights
+  json.dump(meta, open(os.path.join(d, "model.json"), "w"))
+  with pytest.raises(checkpoint.CheckpointError, match="cannot restore|shape"):
+    checkpoint.restore_model(d)
+  meta["spec"]["familly"] = "x"
+  json.dump(meta, open(os.path.join(d, "model.json"), "w"))
+  with pytest.raises(checkpoint.CheckpointError, match="unknown fields"):
+    checkpoint.restore_model(d)
+  open(os.path.join(d, "model.json"), "w").write("{not json")
+  with pytest.raises(checkpoint.CheckpointError, match="unreadable architecture record"):
+    checkpoint.restore_model(d)

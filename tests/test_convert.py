@@ -1,0 +1,230 @@
+import os
+import pickle
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+
+from bcdnet_jax import checkpoint, convert, models, torch_ref  # noqa: E402
+from conftest import TINY_CHANNELS, fixture_ckpt, fixture_expected, nhwc, tiny_spec  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_OVERRIDE = "channels=" + str(TINY_CHANNELS).replace(" ", "")
+
+
+def raw_model_dict(name="a_3"):
+  return torch.load(fixture_ckpt(name), map_location="cpu", weights_only=True)["model"]
+
+
+def test_round_trip_is_exact(converted):
+  for name in ("a_3f", "a_3"):
+    model, _ = converted[name]
+    raw = raw_model_dict(name)
+    back = convert.to_torch_state_dict(model, prefix="module.")
+    assert list(back) == list(raw) or set(back) == set(raw)
+    for k, v in raw.items():
+      assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+      assert torch.equal(back[k], v), k
+
+
+def test_exported_state_dict_loads_strictly_into_torch(converted):
+  model, _ = converted["a_3"]
+  ref = torch_ref.build(model.spec)
+  ref.load_state_dict(convert.to_torch_state_dict(model), strict=True)
+
+
+@pytest.mark.parametrize("variant", ["bare", "state_dict", "no_module_prefix",
+                                     "no_num_batches_tracked", "ema"])
+def test_checkpoint_variants(tmp_path, variant):
+  raw = raw_model_dict()
+  if variant == "bare":
+    obj = dict(raw)
+  elif variant == "state_dict":
+    obj = {"state_dict": dict(raw), "epoch": 3}
+  elif variant == "no_module_prefix":
+    obj = {"model": {k[len("module."):]: v for k, v in raw.items()}}
+  elif variant == "no_num_batches_tracked":
+    obj = {"model": {k: v for k, v in raw.items() if "num_batches_tracked" not in k}}
+  else:
+    obj = {"model": {k: torch.zeros_like(v) for k, v in raw.items()}, "ema": dict(raw)}
+  path = tmp_path / "ckpt.pth"
+  torch.save(obj, path)
+  sd = convert.read_torch_checkpoint(str(path), key="ema" if variant == "ema" else None)
+  model, report = convert.from_torch_state_dict(sd, tiny_spec(2))
+  assert report["tensors_mapped"] == len(sd)
+  back = convert.to_torch_state_dict(model, prefix="module.")
+  for k, v in raw.items():
+    if "num_batches_tracked" in k and variant == "no_num_batches_tracked":
+      assert int(back[k]) == 0
+    else:
+      assert torch.equal(back[k], v), k
+
+
+def _error(sd_edit, tmp_path):
+  raw = dict(raw_model_dict())
+  sd_edit(raw)
+  path = tmp_path / "bad.pth"
+  torch.save({"model": raw}, path)
+  sd = convert.read_torch_checkpoint(str(path))
+  with pytest.raises(convert.ConversionError) as info:
+    convert.from_torch_state_dict(sd, tiny_spec(2), source=str(path))
+  return str(info.value)
+
+
+def test_missing_key_is_named(tmp_path):
+  msg = _error(lambda d: d.pop("module.feature.3.binary_pw.weight"), tmp_path)
+  assert "1 missing keys: feature.3.binary_pw.weight" in msg
+
+
+def test_unexpected_key_is_named(tmp_path):
+  msg = _error(lambda d: d.__setitem__("module.extra.weight", torch.zeros(3)), tmp_path)
+  assert "1 unexpected keys: extra.weight" in msg
+
+
+def test_shape_mismatch_is_named(tmp_path):
+  msg = _error(lambda d: d.__setitem__("module.fc.weight", torch.zeros(11, 128)), tmp_path)
+  assert "fc.weight: checkpoint (11, 128), model (10, 128)" in msg
+
+
+def test_load_state_dict_leaves_model_untouched_on_error(converted):
+  model, sd = converted["a_3"]
+  model = nnx.clone(model)
+  before = np.asarray(model.head.kernel[...]).copy()
+  bad = dict(sd)
+  bad["fc.weight"] = np.ones_like(sd["fc.weight"])
+  del bad["fc_dist.bias"]
+  with pytest.raises(convert.ConversionError, match="fc_dist.bias"):
+    convert.load_state_dict(model, bad)
+  np.testing.assert_array_equal(np.asarray(model.head.kernel[...]), before)
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, (f"touch {os.environ.get('EVIL_MARKER', '/tmp/x')}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+  marker = tmp_path / "pwned"
+  monkeypatch.setenv("EVIL_MARKER", str(marker))
+  path = tmp_path / "evil.pth"
+  with open(path, "wb") as f:
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, f)
+  with pytest.raises(convert.ConversionError, match="refused to load"):
+    convert.read_torch_checkpoint(str(path))
+  assert not marker.exists()
+  # a plain pickle (not the torch zip format) with the same payload is refused too
+  with open(tmp_path / "evil.pkl", "wb") as f:
+    pickle.dump(_Evil(), f)
+  with pytest.raises(convert.ConversionError):
+    convert.read_torch_checkpoint(str(tmp_path / "evil.pkl"))
+  assert not marker.exists()
+
+
+def test_truncated_and_foreign_files(tmp_path):
+  data = open(fixture_ckpt("a_3"), "rb").read()
+  (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+  with pytest.raises(convert.ConversionError, match="truncated or another format"):
+    convert.read_torch_checkpoint(str(tmp_path / "trunc.pth"))
+  (tmp_path / "notes.txt").write_text("hello")
+  with pytest.raises(convert.ConversionError, match="not a readable PyTorch checkpoint"):
+    convert.read_torch_checkpoint(str(tmp_path / "notes.txt"))
+  with pytest.raises(convert.ConversionError, match="no such file"):
+    convert.read_torch_checkpoint(str(tmp_path / "absent.pth"))
+  with pytest.raises(convert.ConversionError, match="is a directory"):
+    convert.read_torch_checkpoint(str(tmp_path))
+  torch.save([torch.zeros(2)], tmp_path / "list.pth")
+  with pytest.raises(convert.ConversionError, match="expected a dict of tensors"):
+    convert.read_torch_checkpoint(str(tmp_path / "list.pth"))
+  torch.save({"model": {"a": torch.zeros(1)}}, tmp_path / "ok.pth")
+  with pytest.raises(convert.ConversionError, match="no entry 'ema'"):
+    convert.read_torch_checkpoint(str(tmp_path / "ok.pth"), key="ema")
+
+
+def test_cli_converts_and_restores(tmp_path, capsys):
+  out = tmp_path / "a3"
+  rc = convert.main(["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
+                     "--stage", "2", "--num_classes", "10", "--override", TINY_OVERRIDE,
+                     "--out", str(out), "--check_image_size", "96"])
+  text = capsys.readouterr().out
+  assert rc == 0, text
+  assert "tensors mapped: 378" in text and "max |logit diff|" in text
+  model = checkpoint.restore_model(str(out))
+  assert model.spec == tiny_spec(2)
+  e = fixture_expected("a_3")
+  model.eval()
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(nhwc(e["x96"]))))
+  assert np.abs(got - e["eval_logits_96"]).max() < 1e-5
+
+
+def test_cli_failure_writes_nothing(tmp_path):
+  out = tmp_path / "wrong"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "convert_torch_ckpt.py"), "--torch_ckpt",
+       fixture_ckpt("a_3"), "--arch", "bcdnet_a", "--stage", "2", "--out", str(out)],
+      capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode != 0
+  assert "shape mismatches" in proc.stderr and "feature.0.conv1.weight" in proc.stderr
+  assert not out.exists()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".wrong")]
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+  out = tmp_path / "existing"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  rc = convert.main(["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
+                     "--num_classes", "10", "--override", TINY_OVERRIDE, "--out", str(out)])
+  assert rc == 1
+  assert "refusing to overwrite" in capsys.readouterr().err
+  assert (out / "keep.txt").read_text() == "mine" and os.listdir(out) == ["keep.txt"]
+
+
+def test_self_check_catches_a_wrong_model(converted, tmp_path):
+  """A conversion whose outputs disagree with torch is rejected (here: wrong shift)."""
+  _, sd = converted["a_3"]
+  spec = tiny_spec(2, shift_mode="paper")
+  model, _ = convert.from_torch_state_dict(sd, spec)
+  ref_spec = tiny_spec(2)
+  ref = torch_ref.build(ref_spec)
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
+  ref.eval()
+  x = np.random.default_rng(0).standard_normal((2, 3, 160, 160)).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(x)).numpy()
+  model.eval()
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(nhwc(x))))
+  assert np.abs(got - expected).max() > 1e-3  # 160 -> 5x5 tokens: shifts 3 vs 2 differ
+
+
+def test_resnet50_from_torchvision_layout(tmp_path):
+  """A torchvision-layout ResNet-50 state dict converts and computes the same logits."""
+  spec = models.get_spec("resnet50", num_classes=5, channels=[4, 8, 16, 32],
+                         blocks_per_stage=[1, 2, 1, 1])
+  torch.manual_seed(0)
+  ref = torch_ref.build(spec)
+  with torch.no_grad():
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.normal_(0, 0.1)
+        m.running_var.uniform_(0.5, 1.5)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.1)
+  keys = set(ref.state_dict())
+  assert {"conv1.weight", "layer1.0.downsample.0.weight", "layer2.1.bn3.running_var",
+          "fc.bias"} <= keys
+  torch.save(ref.state_dict(), tmp_path / "resnet50.pth")
+  report = convert.convert_file(str(tmp_path / "resnet50.pth"), "resnet50", 2,
+                                str(tmp_path / "teacher"), num_classes=5,
+                                overrides=dict(channels=[4, 8, 16, 32],
+                                               blocks_per_stage=[1, 2, 1, 1]),
+                                check_image_size=64)
+  assert report["self_check"]["status"] == "ran"
+  assert report["self_check"]["max_abs_logit_diff"] < 1e-4
+  assert report["tensors_mapped"] == len(keys)
+  teacher = checkpoint.restore_model(str(tmp_path / "teacher"))
+  assert isinstance(teacher, models.ResNet50)
