@@ -22,6 +22,7 @@ from bcdnet_jax import models
 
 SPEC_FILE = "model.json"
 STATE_DIR = "state"
+TRAIN_CHECKPOINTS = "checkpoints"  # a training workdir's Orbax CheckpointManager
 FORMAT_VERSION = 1
 
 
@@ -76,6 +77,8 @@ def read_spec(directory: str) -> models.ModelSpec:
 def restore_model(directory: str) -> nnx.Module:
   """Rebuilds the model saved in `directory` and loads its weights and BN statistics.
 
+  `directory` is a model directory (converter output) or a training workdir (the
+  latest checkpoint is used).
   Returned in training mode like any new model; call `.eval()` for inference.
   """
   spec = read_spec(directory)
@@ -83,16 +86,66 @@ def restore_model(directory: str) -> nnx.Module:
   graphdef, abstract_state = nnx.split(abstract)
   target = nnx.to_pure_dict(abstract_state)
   state_path = os.path.join(os.path.abspath(directory), STATE_DIR)
-  if not os.path.isdir(state_path):
-    raise CheckpointError(f"{directory}: missing {STATE_DIR}/ (incomplete model directory)")
-  try:
-    restored = ocp.StandardCheckpointer().restore(state_path, target)
-  except Exception as e:  # orbax raises a variety of types for bad trees/shapes
-    raise CheckpointError(f"{state_path}: cannot restore the weights for {spec.family} "
-                          f"model recorded in {SPEC_FILE}: {type(e).__name__}: {e}") from None
+  train_path = os.path.join(os.path.abspath(directory), TRAIN_CHECKPOINTS)
+  if os.path.isdir(state_path):
+    try:
+      restored = ocp.StandardCheckpointer().restore(state_path, target)
+    except Exception as e:  # orbax raises a variety of types for bad trees/shapes
+      raise CheckpointError(f"{state_path}: cannot restore the weights for the {spec.family}"
+                            f" model recorded in {SPEC_FILE}: {type(e).__name__}: {e}") from None
+  elif os.path.isdir(train_path):
+    restored, state_path = _restore_from_training(train_path)
+  else:
+    raise CheckpointError(f"{directory}: neither {STATE_DIR}/ (a model directory) nor "
+                          f"{TRAIN_CHECKPOINTS}/ (a training workdir) is there")
+  restored = _int_keys(restored, target)
   _check_shapes(target, restored, state_path)
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
+
+
+def _restore_from_training(path):
+  """Params and BN statistics of the latest checkpoint of a training workdir."""
+  manager = ocp.CheckpointManager(path, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"{path}: no finished checkpoint in this training workdir")
+  try:
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"{path}: cannot read checkpoint {step}: {e}") from None
+  finally:
+    manager.close()
+  merged = _deep_merge(_unwrap(raw["state"]["params"]), _unwrap(raw["state"]["batch_stats"]))
+  return merged, os.path.join(path, str(step))
+
+
+def _unwrap(tree):
+  """nnx Variables are saved as {'value': array}; keep the arrays."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+      return tree["value"]
+    return {k: _unwrap(v) for k, v in tree.items()}
+  return tree
+
+
+def _deep_merge(a, b):
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
+def _int_keys(tree, like):
+  """Orbax stores list indices as strings; give them the model's int keys back."""
+  if not isinstance(tree, dict) or not isinstance(like, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    key = int(k) if isinstance(k, str) and k.isdigit() and int(k) in like else k
+    out[key] = _int_keys(v, like.get(key, {}))
+  return out
 
 
 def _check_shapes(target, restored, where):

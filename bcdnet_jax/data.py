@@ -1,0 +1,286 @@
+"""Input pipelines on TFDS / tf.data: ImageNet-style training and evaluation.
+
+Each process reads its own part of a split (`tfds.split_for_jax_process`) and yields host
+batches; `train.py` assembles them into global arrays on the device mesh. Training is
+deterministic given the seed (stateless random ops keyed by the example's position in the
+stream), so the iterator position alone (batches consumed) restores it. Evaluation pads
+and masks the last batches so every example counts exactly once across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+MEAN_RGB = (0.485, 0.456, 0.406)
+STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+  """A dataset that cannot be found or read; the message says where we looked."""
+
+
+# --- the built-in digits data set -----------------------------------------------------------
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's 8x8 handwritten digits (1,797 images) as 32x32 RGB PNGs.
+
+  A small real data set that ships with a dependency, so the demo and the tests run the
+  same TFDS/tf.data path as ImageNet without any download. 360 images (20 %, stratified,
+  fixed seed) form the test split.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="scikit-learn digits upscaled to 32x32 RGB",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    test = np.zeros(len(labels), bool)
+    for c in range(10):  # stratified 20 % test split
+      idx = order[labels[order] == c]
+      test[idx[: int(round(0.2 * len(idx)))]] = True
+    return {"train": self._generate_examples(images[~test], labels[~test]),
+            "test": self._generate_examples(images[test], labels[test])}
+
+  def _generate_examples(self, images, labels):
+    for i, (img, label) in enumerate(zip(images, labels)):
+      big = np.kron(img, np.ones((4, 4), np.uint8))  # 8x8 -> 32x32, nearest
+      yield i, {"image": np.repeat(big[:, :, None], 3, axis=2), "label": int(label)}
+
+
+# --- finding the data -----------------------------------------------------------------------
+
+def get_builder(dataset: str, data_dir: str | None):
+  """The TFDS builder for `dataset`, prepared; 'digits' is built on first use.
+
+  `dataset` is a TFDS name ('imagenet2012', 'cifar10', ...), 'digits', or
+  'folder:/path' for an ImageFolder tree (path/split/label/image.jpg).
+  """
+  if dataset.startswith("folder:"):
+    root = dataset[len("folder:"):]
+    if not os.path.isdir(root):
+      raise DataError(f"image folder {root!r} does not exist (expected "
+                      f"{root}/<split>/<label>/<image>.jpg)")
+    return tfds.ImageFolder(root)
+  if dataset == "digits":
+    builder = Digits(data_dir=data_dir)
+    builder.download_and_prepare()
+    return builder
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - unknown names raise DatasetNotFoundError
+    raise DataError(f"unknown TFDS dataset {dataset!r}: {e}") from None
+  if not builder.is_prepared():
+    where = builder.data_dir
+    hint = ""
+    if dataset.startswith("imagenet2012"):
+      manual = os.path.join(data_dir or os.path.expanduser("~/tensorflow_datasets"),
+                            "downloads", "manual")
+      hint = (f"\nImageNet needs a manual download: put ILSVRC2012_img_train.tar and "
+              f"ILSVRC2012_img_val.tar in {manual}, then run\n"
+              f"  tfds build imagenet2012 --data_dir={data_dir or '~/tensorflow_datasets'}"
+              f"\n(or pass --config.data_dir=DIR where it is already prepared)")
+    raise DataError(f"dataset {dataset!r} is not prepared: nothing found at {where}{hint}")
+  return builder
+
+
+def split_size(builder, split: str) -> int:
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except KeyError:
+    raise DataError(f"dataset {builder.info.name!r} has no split {split!r}; splits: "
+                    f"{sorted(builder.info.splits)}") from None
+
+
+def num_classes(builder) -> int:
+  return int(builder.info.features["label"].num_classes)
+
+
+# --- preprocessing --------------------------------------------------------------------------
+
+def _is_jpeg(builder) -> bool:
+  feat = builder.info.features["image"]
+  return getattr(feat, "encoding_format", None) in (None, "jpeg")
+
+
+def _random_resized_crop_window(image_bytes, shape, seed, scale=(0.08, 1.0),
+                                ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop window (falls back to the whole image)."""
+  bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=bbox, seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  offset_y, offset_x, _ = tf.unstack(begin)
+  h, w, _ = tf.unstack(size)
+  return tf.stack([offset_y, offset_x, h, w])
+
+
+def _decode_crop(image_bytes, window, jpeg: bool):
+  if jpeg:
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+  img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  return tf.image.crop_to_bounding_box(img, window[0], window[1], window[2], window[3])
+
+
+def _image_shape(image_bytes, jpeg: bool):
+  if jpeg:
+    return tf.image.extract_jpeg_shape(image_bytes)
+  return tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+
+
+def _color_jitter(image, seed, brightness, contrast, saturation, hue):
+  """torchvision ColorJitter factors (uniform in [1-s, 1+s], hue in [-h, h]), on [0, 1]."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if brightness:
+    image = image * tf.random.stateless_uniform([], seeds[0], 1 - brightness, 1 + brightness)
+  if contrast:
+    gray = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+    f = tf.random.stateless_uniform([], seeds[1], 1 - contrast, 1 + contrast)
+    image = gray + f * (image - gray)
+  image = tf.clip_by_value(image, 0.0, 1.0)
+  if saturation:
+    f = tf.random.stateless_uniform([], seeds[2], 1 - saturation, 1 + saturation)
+    image = tf.clip_by_value(tf.image.adjust_saturation(image, f), 0.0, 1.0)
+  if hue:
+    image = tf.image.adjust_hue(image, tf.random.stateless_uniform([], seeds[3], -hue, hue))
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _normalize(image):
+  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+def preprocess_train(image_bytes, seed, *, image_size: int, jpeg: bool,
+                     color_jitter: tuple = (0.0, 0.0, 0.0, 0.0)):
+  """Random-resized-crop (fused with JPEG decoding), flip, colour jitter, normalise."""
+  s_crop, s_flip, s_color = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  shape = _image_shape(image_bytes, jpeg)
+  window = _random_resized_crop_window(image_bytes, shape, s_crop)
+  image = _decode_crop(image_bytes, window, jpeg)
+  image = tf.image.resize(image, [image_size, image_size], method="bilinear",
+                          antialias=True) / 255.0
+  image = tf.image.stateless_random_flip_left_right(image, s_flip)
+  if any(color_jitter):
+    image = _color_jitter(image, s_color, *color_jitter)
+  return _normalize(tf.cast(image, tf.float32))
+
+
+def preprocess_eval(image_bytes, *, image_size: int, jpeg: bool, crop_ratio: float = 224 / 256):
+  """Resize the shorter side to image_size / crop_ratio (256 for 224), centre crop."""
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False) if not jpeg \
+      else tf.io.decode_jpeg(image_bytes, channels=3)
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  short = tf.cast(tf.round(image_size / crop_ratio), tf.float32)
+  scale = short / tf.minimum(h, w)
+  # torchvision: the shorter side becomes exactly `short`, the other int(long * scale)
+  nh = tf.where(h <= w, short, tf.floor(h * scale))
+  nw = tf.where(h <= w, tf.floor(w * scale), short)
+  image = tf.image.resize(image, tf.cast(tf.stack([nh, nw]), tf.int32), method="bilinear",
+                          antialias=True)
+  top = tf.cast(tf.round((nh - image_size) / 2), tf.int32)
+  left = tf.cast(tf.round((nw - image_size) / 2), tf.int32)
+  image = image[top:top + image_size, left:left + image_size] / 255.0
+  image = tf.ensure_shape(image, [image_size, image_size, 3])
+  return _normalize(tf.cast(image, tf.float32))
+
+
+# --- pipelines ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DataConfig:
+  dataset: str
+  data_dir: str | None
+  train_split: str
+  eval_split: str
+  image_size: int
+  eval_crop_ratio: float
+  color_jitter: tuple
+  shuffle_buffer: int = 16_384
+  seed: int = 0
+
+
+def _options():
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.threading.private_threadpool_size = max(1, os.cpu_count() or 1)
+  return opts
+
+
+def train_dataset(builder, cfg: DataConfig, local_batch: int, *, start_batch: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Infinite, deterministic host batches for this process, resumed at `start_batch`."""
+  split = tfds.even_splits(cfg.train_split, n=process_count, drop_remainder=True)[
+      process_index] if process_count > 1 else cfg.train_split
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(options=_options()))
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  ds = ds.repeat()
+  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 7919 * process_index,
+                  reshuffle_each_iteration=True)
+  ds = ds.enumerate()
+  ds = ds.skip(start_batch * local_batch)  # before decoding: cheap to skip
+  jpeg = _is_jpeg(builder)
+  seed = cfg.seed * 1_000_003 + process_index
+
+  def prep(i, ex):
+    s = tf.stack([tf.cast(seed, tf.int64), i])
+    return {"image": preprocess_train(ex["image"], s, image_size=cfg.image_size, jpeg=jpeg,
+                                      color_jitter=tuple(cfg.color_jitter)),
+            "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(builder, cfg: DataConfig, local_batch: int, global_batch: int, *,
+                 process_index: int = 0, process_count: int = 1):
+  """Host batches with a `mask`; every process yields the same number of batches.
+
+  Returns (dataset, num_batches, num_examples of the whole split).
+  """
+  total = split_size(builder, cfg.eval_split)
+  num_batches = math.ceil(total / global_batch)
+  split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=False) \
+      if process_count > 1 else cfg.eval_split
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(options=_options()))
+  jpeg = _is_jpeg(builder)
+
+  def prep(ex):
+    return {"image": preprocess_eval(ex["image"], image_size=cfg.image_size, jpeg=jpeg,
+                                     crop_ratio=cfg.eval_crop_ratio),
+            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
+
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([cfg.image_size, cfg.image_size, 3], tf.float32),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}).repeat()
+  ds = ds.concatenate(pad).take(num_batches * local_batch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches, total

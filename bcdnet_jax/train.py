@@ -1,0 +1,534 @@
+"""Training and evaluation: one jitted step sharded over a ('data',) mesh of all devices.
+
+Parameters, BN statistics and optimiser state are replicated; the batch is sharded on its
+leading axis, so BatchNorm means/variances inside the step are over the global batch
+(what SyncBN gave the authors). The loss is the released one: (label-smoothed CE on `fc` +
+KD from the frozen ResNet-50 teacher on `fc_dist`) / 2, or CE on both heads when no teacher
+is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcdnet_jax import checkpoint, data, models
+
+log = logging.getLogger("bcdnet_jax")
+
+
+def setup_logging(level=logging.INFO):
+  """Our progress lines on stderr; the libraries' INFO chatter (orbax, absl) stays quiet."""
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+  log.setLevel(level)
+  log.propagate = False
+
+
+class ConfigError(ValueError):
+  """An invalid configuration, reported before anything is compiled or written."""
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def validate_config(config, num_devices: int) -> None:
+  """Checks the fields a run depends on, naming the offending `config.<field>`."""
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"config.{field}: {msg}")
+
+  need(isinstance(config.batch_size, int) and config.batch_size > 0, "batch_size",
+       f"must be a positive integer, got {config.batch_size!r}")
+  need(config.batch_size % num_devices == 0, "batch_size",
+       f"{config.batch_size} is not divisible by the {num_devices} devices")
+  need(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
+       "eval_batch_size", f"{config.eval_batch_size} must be positive and divisible by "
+       f"the {num_devices} devices")
+  need(config.model.name in models.PRESETS, "model.name",
+       f"unknown model {config.model.name!r}; expected one of {sorted(models.PRESETS)}")
+  need(config.model.stage in (1, 2), "model.stage", f"must be 1 or 2, got {config.model.stage}")
+  need(config.num_train_steps > 0 or config.num_epochs > 0, "num_train_steps",
+       "set num_train_steps > 0 or num_epochs > 0")
+  need(config.learning_rate > 0, "learning_rate", "must be positive")
+  need(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+  need(config.image_size > 0, "image_size", "must be positive")
+  for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
+    need(config[field] >= 0, field, "must be >= 0")
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+  """The released schedules, with the LR scaled linearly with the global batch.
+
+  Warm-up (if any) goes linearly from `warmup_init_lr` to the peak over `warmup_steps`,
+  then a cosine decays to 0 at `total_steps`, as the authors' scheduler does per step.
+  """
+  scale = config.batch_size / config.base_batch_size
+  peak = config.learning_rate * scale
+  if config.warmup_steps > 0:
+    warm = optax.linear_schedule(config.warmup_init_lr * scale, peak, config.warmup_steps)
+    cos = optax.cosine_decay_schedule(peak, max(1, total_steps - config.warmup_steps))
+    return optax.join_schedules([warm, cos], [config.warmup_steps])
+  return optax.cosine_decay_schedule(peak, total_steps)
+
+
+def make_optimizer(config, total_steps: int):
+  """torch.optim.AdamW: decoupled decay lr * wd * p with the pre-update parameters."""
+  schedule = learning_rate_schedule(config, total_steps)
+  return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                     weight_decay=config.weight_decay), schedule
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+def smoothed_cross_entropy(logits, labels, smoothing: float):
+  """Mean CE against (1 - eps) one-hot + eps / K (torch's label_smoothing=eps)."""
+  k = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, k), smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def distillation_loss(student_logits, teacher_logits):
+  """Mean over the batch of -sum_k softmax(teacher)_k log_softmax(student)_k."""
+  p = jax.nn.softmax(teacher_logits, axis=-1)
+  return jnp.mean(-jnp.sum(p * jax.nn.log_softmax(student_logits, axis=-1), axis=-1))
+
+
+# --- the steps ------------------------------------------------------------------------------
+
+def make_steps(train_graphdef, eval_graphdef, tx, config, teacher_graphdef=None):
+  """The jittable train_step(state, batch, teacher_state) and eval_step(state, batch)."""
+  smoothing = config.label_smoothing
+
+  def train_step(state, batch, teacher_state):
+    images, labels = batch["image"], batch["label"]
+
+    def loss_fn(params):
+      model = nnx.merge(train_graphdef, params, state["batch_stats"], copy=True)
+      logits, logits_dist = model(images)
+      ce = smoothed_cross_entropy(logits, labels, smoothing)
+      if teacher_graphdef is not None:
+        teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
+        t_logits = jax.lax.stop_gradient(teacher(images))
+        second = distillation_loss(logits_dist, t_logits)
+      else:
+        second = smoothed_cross_entropy(logits_dist, labels, smoothing)
+      loss = (ce + second) / 2
+      return loss, (nnx.state(model, nnx.BatchStat), logits, logits_dist, ce, second)
+
+    (loss, (batch_stats, logits, logits_dist, ce, second)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"params": optax.apply_updates(state["params"], updates),
+                 "batch_stats": batch_stats, "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics = {"loss": loss, "ce": ce, "second_loss": second,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "accuracy_dist": jnp.mean(jnp.argmax(logits_dist, -1) == labels)}
+    return new_state, metrics
+
+  def eval_step(state, batch):
+    model = nnx.merge(eval_graphdef, state["params"], state["batch_stats"], copy=True)
+    logits = model(batch["image"])
+    labels, mask = batch["label"], batch["mask"]
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    return {"top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}, jnp.argmax(logits, -1)
+
+  return train_step, eval_step
+
+
+# --- state ----------------------------------------------------------------------------------
+
+def split_model(model):
+  """(train graphdef, eval graphdef, params, batch_stats) of an nnx model."""
+  model.train()
+  train_def, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model.eval()
+  eval_def, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model.train()
+  return train_def, eval_def, params, batch_stats
+
+
+def load_init_from(path: str, spec: models.ModelSpec):
+  """Params and BN statistics of a model directory or training workdir, checked against spec."""
+  src_spec = checkpoint.read_spec(path)
+  mine = {k: v for k, v in spec.to_json().items() if k != "stage"}
+  theirs = {k: v for k, v in src_spec.to_json().items() if k != "stage"}
+  if mine != theirs:
+    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    raise ConfigError(f"config.init_from={path}: architecture differs from the configured "
+                      f"model: {diff} (init_from, configured)")
+  src = checkpoint.restore_model(path)
+  return nnx.state(src, nnx.Param), nnx.state(src, nnx.BatchStat)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+class _Preemption:
+  """SIGTERM / SIGUSR1 (SLURM's --signal) request a checkpoint and a clean exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("received signal %d: checkpointing and exiting", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _data_config(config) -> data.DataConfig:
+  return data.DataConfig(
+      dataset=config.dataset, data_dir=config.data_dir or None,
+      train_split=config.train_split, eval_split=config.eval_split,
+      image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
+      color_jitter=tuple(config.color_jitter), shuffle_buffer=config.shuffle_buffer,
+      seed=config.seed)
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+class _Writer:
+  """TensorBoard scalars and a metrics log, on process 0 only."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    if self.active:
+      import tensorflow as tf
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._log = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step, values: dict):
+    if not self.active:
+      return
+    with self._writer.as_default():
+      for k, v in values.items():
+        self._tf.summary.scalar(k, float(v), step=step)
+    self._writer.flush()
+    self._log.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
+                                                       values.items()}}) + "\n")
+    self._log.flush()
+
+  def close(self):
+    if self.active:
+      self._writer.close()
+      self._log.close()
+
+
+def resolve_num_classes(config, builder) -> int:
+  n = data.num_classes(builder)
+  if config.model.num_classes and config.model.num_classes != n:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} but dataset "
+                      f"{config.dataset!r} has {n} classes")
+  return n
+
+
+def _model_spec(config, num_classes):
+  try:
+    return models.get_spec(config.model.name, stage=config.model.stage,
+                           num_classes=num_classes, **dict(config.model.overrides))
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], Any] | None = None) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`), evaluates, returns results.
+
+  Runs with a `pipeline` (the digits demo) go through each stage in its own subdirectory.
+  """
+  if config.get("pipeline"):
+    return _run_pipeline(config, workdir, step_hook)
+  start_time = time.time()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  validate_config(config, mesh.size)
+  builder = data.get_builder(config.dataset, config.data_dir or None)
+  num_classes = resolve_num_classes(config, builder)
+  spec = _model_spec(config, num_classes)
+  train_size = data.split_size(builder, config.train_split)
+  data.split_size(builder, config.eval_split)
+  steps_per_epoch = max(1, train_size // config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  init_params = None
+  if config.init_from:
+    init_params = load_init_from(config.init_from, spec)  # before writing anything
+  teacher = None
+  if config.teacher_dir:
+    teacher = checkpoint.restore_model(config.teacher_dir)
+    if teacher.spec.num_classes != num_classes:
+      raise ConfigError(f"config.teacher_dir: teacher has {teacher.spec.num_classes} "
+                        f"classes, the dataset {num_classes}")
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
+                {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json()})
+
+  model = models.build(spec, seed=config.seed)
+  train_def, eval_def, params, batch_stats = split_model(model)
+  if init_params is not None:
+    params, batch_stats = init_params
+  tx, schedule = make_optimizer(config, total_steps)
+  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+
+  repl = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           create=True),
+      item_names=("state", "meta"))
+  start_step = 0
+  if manager.latest_step() is not None:
+    latest = manager.latest_step()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            state)
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    state, start_step = restored["state"], int(restored["meta"]["step"])
+    log.info("resumed from %s at step %d", manager.directory, start_step)
+  state = jax.device_put(state, repl)
+
+  teacher_def = teacher_state = None
+  if teacher is not None:
+    teacher.eval()
+    teacher_def, teacher_state = nnx.split(teacher)
+    teacher_state = jax.device_put(teacher_state, repl)
+  train_step, eval_step = make_steps(train_def, eval_def, tx, config, teacher_def)
+  p_train = jax.jit(train_step, in_shardings=(repl, batch_sharding, repl),
+                    out_shardings=(repl, repl), donate_argnums=(0,))
+  p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sharding),
+                   out_shardings=(repl, batch_sharding))
+
+  dcfg = _data_config(config)
+  local_batch = config.batch_size // jax.process_count()
+  train_iter = iter(data.train_dataset(builder, dcfg, local_batch, start_batch=start_step,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()).as_numpy_iterator())
+
+  def global_batch(host_batch):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+                        host_batch)
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
+                                "spec": spec.to_json()})), force=True)
+    manager.wait_until_finished()
+
+  def evaluate_now():
+    return run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size,
+                          global_batch)
+
+  writer = _Writer(workdir)
+  step = start_step
+  last_log_time, last_log_step = time.time(), step
+  eval_result = None
+  try:
+    with _Preemption() as preempt:
+      while step < total_steps:
+        batch = global_batch(next(train_iter))
+        state, metrics = p_train(state, batch, teacher_state)
+        step += 1
+        if step_hook is not None:
+          step_hook(step)
+        is_last = step == total_steps
+        if config.log_every_steps and (step % config.log_every_steps == 0 or is_last):
+          m = jax.device_get(metrics)
+          if not all(np.isfinite(v) for v in m.values()):
+            raise TrainingDiverged(
+                f"non-finite loss at step {step}: {m}; the last good checkpoint "
+                f"(step {manager.latest_step()}) is kept in {manager.directory}")
+          now = time.time()
+          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          eta = (total_steps - step) / max(rate, 1e-9)
+          m.update(learning_rate=float(schedule(step - 1)), steps_per_s=rate,
+                   images_per_s=rate * config.batch_size)
+          writer.scalars(step, m)
+          if jax.process_index() == 0:
+            log.info("step %d/%d loss %.4f acc %.3f/%.3f lr %.3g %.2f steps/s "
+                     "%.0f img/s ETA %s", step, total_steps, m["loss"], m["accuracy"],
+                     m["accuracy_dist"], m["learning_rate"], rate, rate * config.batch_size,
+                     _fmt_eta(eta))
+          last_log_time, last_log_step = now, step
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+          eval_result = evaluate_now()
+          writer.scalars(step, {"eval_top1": eval_result["top1"],
+                                "eval_top5": eval_result["top5"]})
+        want_ckpt = (config.checkpoint_every_steps and
+                     step % config.checkpoint_every_steps == 0)
+        if want_ckpt or is_last or preempt.requested:
+          _check_finite(state, step, manager)
+          save(step)
+        if preempt.requested and not is_last:
+          log.warning("preempted at step %d; resume by running the same command", step)
+          return {"preempted": True, "steps": step}
+    eval_result = evaluate_now()
+    writer.scalars(step, {"eval_top1": eval_result["top1"], "eval_top5": eval_result["top5"]})
+  finally:
+    writer.close()
+    manager.close()
+  results = {"top1": eval_result["top1"], "top5": eval_result["top5"],
+             "num_eval_examples": eval_result["num_eval_examples"], "steps": step,
+             "wall_time_s": time.time() - start_time, "model": config.model.name,
+             "stage": config.model.stage, "dataset": config.dataset,
+             "eval_split": config.eval_split}
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "results.json"), results)
+    log.info("final: top-1 %.4f top-5 %.4f on %d examples", results["top1"],
+             results["top5"], results["num_eval_examples"])
+  return results
+
+
+def _check_finite(state, step, manager):
+  leaves = jax.tree.leaves(jax.device_get(state["params"]))
+  if not all(np.isfinite(x).all() for x in leaves):
+    raise TrainingDiverged(f"non-finite parameters at step {step}; not saved; the last "
+                           f"good checkpoint (step {manager.latest_step()}) is kept")
+
+
+def _fmt_eta(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
+                   return_predictions=False) -> dict:
+  """Top-1/top-5 over the whole eval split; checks every example counted once."""
+  local = eval_batch_size // jax.process_count()
+  ds, num_batches, total = data.eval_dataset(builder, dcfg, local, eval_batch_size,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+  sums = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  preds = []
+  for host_batch in ds.as_numpy_iterator():
+    out, pred = p_eval(state, global_batch(host_batch))
+    out = jax.device_get(out)
+    for k in sums:
+      sums[k] += float(out[k])
+    if return_predictions:
+      mask = host_batch["mask"].astype(bool)
+      preds.append(np.asarray(jax.device_get(pred))[mask] if jax.process_count() == 1
+                   else None)
+  if int(round(sums["count"])) != total:
+    raise RuntimeError(f"evaluation counted {sums['count']:.0f} examples, the split has "
+                       f"{total}")
+  result = {"top1": sums["top1"] / total, "top5": sums["top5"] / total,
+            "num_eval_examples": total}
+  if return_predictions:
+    result["predictions"] = np.concatenate(preds)
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             return_predictions: bool = False) -> dict:
+  """Evaluates `config.checkpoint` (a model directory or training workdir) on eval_split."""
+  start = time.time()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  if not config.checkpoint:
+    raise ConfigError("config.checkpoint: set it to a model directory (convert_torch_ckpt.py "
+                      "output) or a training workdir")
+  if config.eval_batch_size <= 0 or config.eval_batch_size % mesh.size:
+    raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
+                      f"and divisible by the {mesh.size} devices")
+  model = checkpoint.restore_model(config.checkpoint)
+  builder = data.get_builder(config.dataset, config.data_dir or None)
+  n = data.num_classes(builder)
+  if model.spec.num_classes != n:
+    raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} classes, "
+                      f"dataset {config.dataset!r} has {n}")
+  _, eval_def, params, batch_stats = split_model(model)
+  repl = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  state = jax.device_put({"params": params, "batch_stats": batch_stats}, repl)
+  _, eval_step = make_steps(eval_def, eval_def, None, config)
+  p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sharding),
+                   out_shardings=(repl, batch_sharding))
+
+  def global_batch(host_batch):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+                        host_batch)
+
+  result = run_evaluation(p_eval, state, builder, _data_config(config),
+                          config.eval_batch_size, global_batch, return_predictions)
+  result.update(steps=0, wall_time_s=time.time() - start, checkpoint=config.checkpoint,
+                dataset=config.dataset, eval_split=config.eval_split)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(os.path.join(workdir, "results.json"),
+                {k: v for k, v in result.items() if k != "predictions"})
+    log.info("eval of %s: top-1 %.4f top-5 %.4f on %d examples", config.checkpoint,
+             result["top1"], result["top5"], result["num_eval_examples"])
+  return result
+
+
+def _run_pipeline(config, workdir, step_hook):
+  """Runs the stages of `config.pipeline` in order, each initialised from the last."""
+  results, previous = {}, None
+  start = time.time()
+  for name, overrides in config.pipeline.items():
+    stage_cfg = config.copy_and_resolve_references()
+    with stage_cfg.unlocked():
+      stage_cfg.pipeline = ml_collections.ConfigDict()
+      for k, v in overrides.items():
+        if isinstance(v, ml_collections.ConfigDict):
+          stage_cfg[k].update(v)
+        else:
+          stage_cfg[k] = v
+      if previous is not None and not stage_cfg.init_from:
+        stage_cfg.init_from = previous
+    sub = os.path.join(workdir, name)
+    log.info("pipeline stage %s -> %s", name, sub)
+    results[name] = train_and_evaluate(stage_cfg, sub, step_hook=step_hook)
+    if results[name].get("preempted"):
+      return results[name]
+    previous = sub
+  final = dict(results[name])
+  final.update(wall_time_s=time.time() - start, stages=results)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "results.json"), final)
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  return final

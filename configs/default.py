@@ -1,0 +1,49 @@
+"""Every field a run reads, with the released stage-2 recipe's values; others override."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "bcdnet_a"
+  c.model.stage = 2
+  c.model.num_classes = 0  # 0: take it from the dataset
+  c.model.overrides = ml_collections.ConfigDict()  # ModelSpec fields, e.g. channels
+
+  c.dataset = "imagenet2012"  # any TFDS name, "digits", or "folder:/path/to/images"
+  c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.image_size = 224
+  c.eval_crop_ratio = 224 / 256  # resize the shorter side to 256, centre-crop 224
+  c.color_jitter = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+  c.shuffle_buffer = 16_384
+
+  # Global batch. The learning rate below is for `base_batch_size` and scales linearly.
+  c.batch_size = 256
+  c.eval_batch_size = 256
+  c.base_batch_size = 256
+  c.num_train_steps = 600_000  # > 0 overrides num_epochs
+  c.num_epochs = 0.0
+  c.learning_rate = 5e-4
+  c.warmup_steps = 0
+  c.warmup_init_lr = 0.0
+  c.weight_decay = 0.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.label_smoothing = 0.1
+  c.teacher_dir = ""  # a model directory of the ResNet-50 teacher ("" = no KD)
+
+  c.init_from = ""  # model directory or workdir whose weights start this run
+  c.checkpoint = ""  # evaluation mode: what to evaluate
+  c.mode = "train"  # "train" or "eval"
+  c.pipeline = ml_collections.ConfigDict()  # stage name -> overrides, run in order
+
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_every_steps = 0  # 0: only at the end
+  c.checkpoint_every_steps = 5_000
+  c.keep_checkpoints = 3
+  return c
