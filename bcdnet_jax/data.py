@@ -107,7 +107,7 @@ def get_builder(dataset: str, data_dir: str | None):
 def split_size(builder, split: str) -> int:
   try:
     return int(builder.info.splits[split].num_examples)
-  except KeyError:
+  except (KeyError, ValueError):
     raise DataError(f"dataset {builder.info.name!r} has no split {split!r}; splits: "
                     f"{sorted(builder.info.splits)}") from None
 
@@ -172,15 +172,17 @@ def _normalize(image):
 
 
 def preprocess_train(image_bytes, seed, *, image_size: int, jpeg: bool,
-                     color_jitter: tuple = (0.0, 0.0, 0.0, 0.0)):
+                     color_jitter: tuple = (0.0, 0.0, 0.0, 0.0),
+                     crop_scale: tuple = (0.08, 1.0), random_flip: bool = True):
   """Random-resized-crop (fused with JPEG decoding), flip, colour jitter, normalise."""
   s_crop, s_flip, s_color = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   shape = _image_shape(image_bytes, jpeg)
-  window = _random_resized_crop_window(image_bytes, shape, s_crop)
+  window = _random_resized_crop_window(image_bytes, shape, s_crop, scale=tuple(crop_scale))
   image = _decode_crop(image_bytes, window, jpeg)
   image = tf.image.resize(image, [image_size, image_size], method="bilinear",
                           antialias=True) / 255.0
-  image = tf.image.stateless_random_flip_left_right(image, s_flip)
+  if random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, s_flip)
   if any(color_jitter):
     image = _color_jitter(image, s_color, *color_jitter)
   return _normalize(tf.cast(image, tf.float32))
@@ -217,6 +219,8 @@ class DataConfig:
   image_size: int
   eval_crop_ratio: float
   color_jitter: tuple
+  crop_scale: tuple = (0.08, 1.0)
+  random_flip: bool = True
   shuffle_buffer: int = 16_384
   seed: int = 0
 
@@ -248,7 +252,9 @@ def train_dataset(builder, cfg: DataConfig, local_batch: int, *, start_batch: in
   def prep(i, ex):
     s = tf.stack([tf.cast(seed, tf.int64), i])
     return {"image": preprocess_train(ex["image"], s, image_size=cfg.image_size, jpeg=jpeg,
-                                      color_jitter=tuple(cfg.color_jitter)),
+                                      color_jitter=tuple(cfg.color_jitter),
+                                      crop_scale=tuple(cfg.crop_scale),
+                                      random_flip=cfg.random_flip),
             "label": tf.cast(ex["label"], tf.int32)}
 
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -6,6 +6,7 @@ NCHW -> NHWC layout), so converted checkpoints reproduce the authors' outputs.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -124,12 +125,43 @@ class Conv(nnx.Module):
     return conv2d(x, self.kernel[...], self.stride, self.padding)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def binary_conv_lowp(x, kernel, stride, padding, dtype):
+  """conv(x, mean|W| * sign(W)) with the ±1 x ±1 products in `dtype` (e.g. bfloat16).
+
+  x and sign(W) are exactly representable in bfloat16 and their integer sums exactly
+  accumulated in float32, so only the final per-channel scaling rounds; the backward is
+  the float32 one (the released STE), recomputed from the saved operands.
+  """
+  s = jnp.sign(kernel).astype(dtype)
+  y = jax.lax.conv_general_dilated(
+      x.astype(dtype), s, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+  return y * binarize.weight_scale(kernel).reshape(-1)
+
+
+def _binary_conv_lowp_fwd(x, kernel, stride, padding, dtype):
+  return binary_conv_lowp(x, kernel, stride, padding, dtype), (x, kernel)
+
+
+def _binary_conv_lowp_bwd(stride, padding, dtype, res, g):
+  x, kernel = res
+  _, vjp = jax.vjp(lambda x, k: conv2d(x, binarize.binarize_weight(k), stride, padding),
+                   x, kernel)
+  return vjp(g)
+
+
+binary_conv_lowp.defvjp(_binary_conv_lowp_fwd, _binary_conv_lowp_bwd)
+
+
 class BinaryConv(nnx.Module):
   """Convolution of binary activations whose weight is real (stage 1) or binary (stage 2).
 
   The parameter is the same real `kernel` in both stages, so a stage-1 state loads into a
   stage-2 model unchanged; stage 2 only binarises it on the fly with a per-output-channel
   scale. The input is expected to be binary already (the block applies the sign).
+  `compute_dtype='bfloat16'` computes stage-2 products in bfloat16 (exact for ±1 operands);
+  stage 1's real weights always use float32.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
@@ -141,12 +173,16 @@ class BinaryConv(nnx.Module):
     self.stride = stride
     self.padding = padding
     self.binary_weights = binary_weights
+    self.compute_dtype = "float32"
 
   def weight(self):
     w = self.kernel[...]
     return binarize.binarize_weight(w) if self.binary_weights else w
 
   def __call__(self, x):
+    if self.binary_weights and self.compute_dtype != "float32":
+      return binary_conv_lowp(x, self.kernel[...], self.stride, self.padding,
+                              jnp.dtype(self.compute_dtype))
     return conv2d(x, self.weight(), self.stride, self.padding)
 
 

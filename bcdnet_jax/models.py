@@ -35,6 +35,8 @@ class ModelSpec:
   strides: mobilenet block strides; empty = the released rule (`block_strides`).
   shift_mode: long-range shift, 'released' (3), 'paper' (h//2, w//2) or an int.
   dynamic: BCDNet-B's dynamic thresholds at every binary conv (or 3x3 ones only).
+  compute_dtype: 'bfloat16' computes the stage-2 binary convs' ±1 products in bfloat16
+    (exact; float32 accumulation); everything else stays float32.
   activation_sign: surrogate gradient of the activation sign ('approx' as released,
     'ste' clipped or 'identity' straight-through, for ablations).
   """
@@ -51,6 +53,7 @@ class ModelSpec:
   dynamic_relu: bool = False
   dynamic_3x3_only: bool = False
   activation_sign: str = "approx"
+  compute_dtype: str = "float32"
   stage: int = 2
   num_classes: int = 1000
   in_channels: int = 3
@@ -76,6 +79,9 @@ class ModelSpec:
       raise ValueError("model spec: resnet18 needs one blocks_per_stage entry per stage "
                        f"width, got {self.blocks_per_stage} for {self.channels}")
     binarize.get_sign(self.activation_sign)
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model spec: compute_dtype must be 'float32' or 'bfloat16', got "
+                       f"{self.compute_dtype!r}")
     bad = set(self.mlp_group) - {"lsr", "pw"}
     if bad:
       raise ValueError(f"model spec: mlp_group kinds must be 'lsr' or 'pw', got {bad}")
@@ -288,7 +294,10 @@ def _check_images(x, channels):
 
 def _construct(spec: ModelSpec, seed) -> nnx.Module:
   cls = ResNet50 if spec.family == "resnet50" else BCDNet
-  return cls(spec, rngs=nnx.Rngs(seed))
+  model = cls(spec, rngs=nnx.Rngs(seed))
+  if spec.compute_dtype != "float32":
+    model.set_attributes(compute_dtype=spec.compute_dtype, raise_if_not_found=False)
+  return model
 
 
 def build(spec: ModelSpec, *, seed: int = 0) -> nnx.Module:

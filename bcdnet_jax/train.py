@@ -173,8 +173,9 @@ def split_model(model):
 def load_init_from(path: str, spec: models.ModelSpec):
   """Params and BN statistics of a model directory or training workdir, checked against spec."""
   src_spec = checkpoint.read_spec(path)
-  mine = {k: v for k, v in spec.to_json().items() if k != "stage"}
-  theirs = {k: v for k, v in src_spec.to_json().items() if k != "stage"}
+  free = ("stage", "compute_dtype")  # what may change between init_from and this run
+  mine = {k: v for k, v in spec.to_json().items() if k not in free}
+  theirs = {k: v for k, v in src_spec.to_json().items() if k not in free}
   if mine != theirs:
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     raise ConfigError(f"config.init_from={path}: architecture differs from the configured "
@@ -214,7 +215,8 @@ def _data_config(config) -> data.DataConfig:
       dataset=config.dataset, data_dir=config.data_dir or None,
       train_split=config.train_split, eval_split=config.eval_split,
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
-      color_jitter=tuple(config.color_jitter), shuffle_buffer=config.shuffle_buffer,
+      color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
+      random_flip=config.random_flip, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed)
 
 
@@ -263,8 +265,10 @@ def resolve_num_classes(config, builder) -> int:
 
 def _model_spec(config, num_classes):
   try:
+    overrides = dict(config.model.overrides)
+    overrides.setdefault("compute_dtype", config.model.get("compute_dtype", "float32"))
     return models.get_spec(config.model.name, stage=config.model.stage,
-                           num_classes=num_classes, **dict(config.model.overrides))
+                           num_classes=num_classes, **overrides)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
 

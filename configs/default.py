@@ -10,6 +10,7 @@ def get_config():
   c.model.stage = 2
   c.model.num_classes = 0  # 0: take it from the dataset
   c.model.overrides = ml_collections.ConfigDict()  # ModelSpec fields, e.g. channels
+  c.model.compute_dtype = "float32"  # "bfloat16": stage-2 binary convs in bf16 (exact)
 
   c.dataset = "imagenet2012"  # any TFDS name, "digits", or "folder:/path/to/images"
   c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
@@ -18,6 +19,8 @@ def get_config():
   c.image_size = 224
   c.eval_crop_ratio = 224 / 256  # resize the shorter side to 256, centre-crop 224
   c.color_jitter = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+  c.crop_scale = (0.08, 1.0)  # RandomResizedCrop area range
+  c.random_flip = True
   c.shuffle_buffer = 16_384
 
   # Global batch. The learning rate below is for `base_batch_size` and scales linearly.

@@ -17,6 +17,8 @@ def get_config():
   c.eval_split = "test"
   c.image_size = 32
   c.eval_crop_ratio = 1.0  # the images are already 32x32: no resize, no crop
+  c.crop_scale = (0.5, 1.0)  # an 8 % crop of a digit is no longer a digit
+  c.random_flip = False  # nor is a mirrored one
   c.model.name = "bcdnet_a"
   # stem 32x32 -> 16x16, blocks to 4x4 tokens, one MLP group at 64 channels
   c.model.overrides = ml_collections.ConfigDict(dict(

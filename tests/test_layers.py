@@ -115,3 +115,25 @@ def test_binary_conv_same_parameter_in_both_stages():
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(c1(x)), np.asarray(layers.conv2d(x, w, 1, 1)),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_binary_conv_equals_float32_forward_and_gradients():
+  rng = np.random.default_rng(3)
+  x = jnp.sign(jnp.asarray(rng.normal(size=(2, 6, 6, 8)), jnp.float32))
+  x = x.at[0, 0, 0, 0].set(0.0)  # sign(0) = 0 activations too
+  conv = layers.BinaryConv(8, 16, 3, 1, 1, binary_weights=True, rngs=nnx.Rngs(0))
+  conv.kernel[...] = jnp.asarray(rng.normal(0, 0.7, (3, 3, 8, 16)), jnp.float32)
+  low = nnx.clone(conv)
+  low.compute_dtype = "bfloat16"
+  probe = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
+
+  def run(c):
+    gc, gx = nnx.grad(lambda c, x: jnp.sum(c(x) * probe), argnums=(0, 1))(c, x)
+    return np.asarray(c(x)), [np.asarray(gc.kernel[...]), np.asarray(gx)]
+
+  y32, g32 = run(conv)
+  y16, g16 = run(low)
+  # the ±1 sums are exact integers in both; only the final scaling may round differently
+  np.testing.assert_allclose(y16, y32, rtol=1e-6, atol=1e-6)
+  for a, b in zip(g16, g32):
+    np.testing.assert_array_equal(a, b)  # backward is the float32 one

@@ -1,0 +1,254 @@
+"""The training library path on the digits TFDS dataset with a very small BCDNet."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bcdnet_jax import checkpoint, convert, data, models, train
+from configs import default, stage1, stage2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds_train"))
+  data.get_builder("digits", d)
+  return d
+
+
+def small_config(data_dir, **kw):
+  c = default.get_config()
+  c.dataset, c.data_dir = "digits", data_dir
+  c.train_split, c.eval_split = "train", "test"
+  c.image_size, c.eval_crop_ratio = 16, 1.0
+  c.model.name, c.model.stage = "bcdnet_a", 2
+  c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 16), mlp_groups=1))
+  c.batch_size = c.base_batch_size = 16
+  c.eval_batch_size = 120
+  c.num_train_steps = 6
+  c.learning_rate = 2e-3
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 3
+  c.shuffle_buffer = 256
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def final_params(workdir):
+  m = checkpoint.restore_model(workdir)
+  return jax.tree.leaves(nnx.state(m))
+
+
+# --- schedules, optimiser, losses, config checks (no compilation of the model) ----------
+
+def test_stage1_schedule_matches_released_formula():
+  c = stage1.get_config()
+  sched = train.learning_rate_schedule(c, c.num_train_steps)
+  for t in (0, 1, 7_500, 14_999):
+    assert math.isclose(float(sched(t)), 1e-3 + 3e-3 * t / 15_000, rel_tol=1e-5)
+  for t in (15_000, 100_000, 200_000, 299_999, 300_000):
+    expected = 0.5 * 4e-3 * (1 + math.cos(math.pi * (t - 15_000) / 285_000))
+    assert math.isclose(float(sched(t)), expected, rel_tol=1e-4, abs_tol=1e-10)
+
+
+def test_stage2_schedule_and_linear_scaling():
+  c = stage2.get_config()
+  sched = train.learning_rate_schedule(c, c.num_train_steps)
+  for t in (0, 300_000, 600_000):
+    expected = 0.5 * 5e-4 * (1 + math.cos(math.pi * t / 600_000))
+    assert math.isclose(float(sched(t)), expected, rel_tol=1e-5, abs_tol=1e-12)
+  c.batch_size = 512
+  assert math.isclose(float(train.learning_rate_schedule(c, 600_000)(0)), 1e-3, rel_tol=1e-6)
+
+
+def test_adamw_matches_torch_step_by_step():
+  torch = pytest.importorskip("torch")
+  c = stage1.get_config()
+  c.warmup_steps, c.num_train_steps = 3, 10
+  tx, sched = train.make_optimizer(c, c.num_train_steps)
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(5,)).astype(np.float32)
+  grads = rng.normal(size=(6, 5)).astype(np.float32)
+  p = jnp.asarray(w0)
+  opt_state = tx.init(p)
+  tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  topt = torch.optim.AdamW([tw], lr=float(sched(0)), betas=(0.9, 0.999), eps=1e-8,
+                           weight_decay=0.01)
+  for t, g in enumerate(grads):
+    updates, opt_state = tx.update(jnp.asarray(g), opt_state, p)
+    p = optax.apply_updates(p, updates)
+    for group in topt.param_groups:
+      group["lr"] = float(sched(t))
+    tw.grad = torch.from_numpy(g.copy())
+    topt.step()
+    np.testing.assert_allclose(np.asarray(p), tw.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_losses_match_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(4, 7)).astype(np.float32)
+  teacher = rng.normal(size=(4, 7)).astype(np.float32)
+  labels = np.array([0, 3, 6, 2])
+  ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.from_numpy(logits),
+                                                      torch.from_numpy(labels)).item()
+  assert math.isclose(float(train.smoothed_cross_entropy(jnp.asarray(logits),
+                                                         jnp.asarray(labels), 0.1)),
+                      ce, rel_tol=1e-5)
+  p = torch.softmax(torch.from_numpy(teacher), -1)
+  kd = (-(p * torch.log_softmax(torch.from_numpy(logits), -1)).sum(-1)).mean().item()
+  assert math.isclose(float(train.distillation_loss(jnp.asarray(logits),
+                                                    jnp.asarray(teacher))), kd, rel_tol=1e-5)
+
+
+def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
+  cases = [(dict(batch_size=-8), "config.batch_size: must be a positive"),
+           (dict(batch_size=10), None),
+           (dict(num_train_steps=0, num_epochs=0.0), "config.num_train_steps")]
+  for kw, msg in cases:
+    c = small_config(digits_dir, **kw)
+    with pytest.raises(train.ConfigError, match=msg or "not divisible by the 3 devices"):
+      train.validate_config(c, num_devices=3 if msg is None else 1)
+  c = small_config(digits_dir)
+  c.model.name = "bcdnet_z"
+  with pytest.raises(train.ConfigError, match="config.model.name: unknown model"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  c = small_config(digits_dir, init_from=str(tmp_path / "nothing"))
+  with pytest.raises(checkpoint.CheckpointError, match="no such model directory"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # nothing written
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+def test_train_save_resume_evaluate(tmp_path, digits_dir):
+  wd = str(tmp_path / "run")
+  res = train.train_and_evaluate(small_config(digits_dir), wd)
+  for k in ("top1", "top5", "num_eval_examples", "steps", "wall_time_s"):
+    assert k in res
+  assert res["steps"] == 6 and res["num_eval_examples"] == 359
+  on_disk = json.load(open(os.path.join(wd, "results.json")))
+  assert on_disk["top1"] == res["top1"]
+  assert json.load(open(os.path.join(wd, "config.json")))["batch_size"] == 16
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tensorboard")))
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5, 6]
+  assert all("images_per_s" in l and "learning_rate" in l for l in lines if "loss" in l)
+  # running again finds the finished run and only evaluates
+  again = train.train_and_evaluate(small_config(digits_dir), wd)
+  assert again["steps"] == 6 and again["top1"] == res["top1"]
+  # evaluation mode on the workdir gives the same numbers
+  c = small_config(digits_dir, mode="eval", checkpoint=wd)
+  ev = train.evaluate(c, str(tmp_path / "eval"))
+  assert ev["top1"] == res["top1"] and ev["top5"] == res["top5"]
+  # stage 2 from a stage-1 run; init_from an incompatible architecture fails, writes nothing
+  bad = small_config(digits_dir, init_from=wd)
+  bad.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 32), mlp_groups=1))
+  with pytest.raises(train.ConfigError, match="architecture differs"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(small_config(digits_dir, num_train_steps=8,
+                                        checkpoint_every_steps=4), straight)
+
+  class Killed(Exception):
+    pass
+
+  def kill_at_5(step):
+    if step == 5:  # the step-4 checkpoint exists; step 5 is lost as in a crash
+      raise Killed()
+
+  resumed = str(tmp_path / "resumed")
+  cfg = small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=4)
+  with pytest.raises(Killed):
+    train.train_and_evaluate(cfg, resumed, step_hook=kill_at_5)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["4"]
+  train.train_and_evaluate(cfg, resumed)
+  for a, b in zip(final_params(straight), final_params(resumed)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sigusr1_checkpoints_and_exits(tmp_path, digits_dir):
+  wd = str(tmp_path / "pre")
+  out = train.train_and_evaluate(
+      small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=100), wd,
+      step_hook=lambda s: os.kill(os.getpid(), signal.SIGUSR1) if s == 2 else None)
+  assert out == {"preempted": True, "steps": 2}
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["2"]
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, digits_dir):
+  wd = str(tmp_path / "nan")
+  cfg = small_config(digits_dir, learning_rate=1e36, num_train_steps=6,
+                     checkpoint_every_steps=1)
+  with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
+    train.train_and_evaluate(cfg, wd)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")))
+  assert steps and steps[-1] < 6
+  for x in final_params(wd):
+    assert np.isfinite(np.asarray(x)).all()
+
+
+def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir):
+  from conftest import TINY_CHANNELS, fixture_ckpt
+  out = str(tmp_path / "a3")
+  convert.convert_file(fixture_ckpt("a_3"), "bcdnet_a", 2, out, num_classes=10,
+                       overrides=dict(channels=TINY_CHANNELS), check=False)
+  c = small_config(digits_dir, mode="eval", checkpoint=out, image_size=32, eval_batch_size=64)
+  res = train.evaluate(c, str(tmp_path / "ev"), return_predictions=True)
+  model = checkpoint.restore_model(out)
+  model.eval()
+  b = data.get_builder("digits", digits_dir)
+  ds, _, total = data.eval_dataset(b, train._data_config(c), 64, 64)
+  preds, labels = [], []
+  fwd = nnx.jit(lambda m, x: m(x))
+  for batch in ds.as_numpy_iterator():
+    m = batch["mask"].astype(bool)
+    preds.append(np.asarray(fwd(model, jnp.asarray(batch["image"]))).argmax(-1)[m])
+    labels.append(batch["label"][m])
+  preds, labels = np.concatenate(preds), np.concatenate(labels)
+  assert len(preds) == total == res["num_eval_examples"]
+  np.testing.assert_array_equal(res["predictions"], preds)
+  assert math.isclose(res["top1"], float(np.mean(preds == labels)))
+
+
+def test_eight_devices_match_one_device(tmp_path, digits_dir):
+  """Global-batch BN: 8 fake CPU devices give the loss trajectory of 1 device."""
+  script = (
+      "import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+      "import jax; from test_train import small_config; from bcdnet_jax import train\n"
+      "c = small_config(%r, num_train_steps=4, checkpoint_every_steps=0)\n"
+      "train.train_and_evaluate(c, sys.argv[1])\n"
+      "print('DEVICES', jax.device_count())\n" % (ROOT, os.path.join(ROOT, "tests"),
+                                                 digits_dir))
+  losses = {}
+  for n in (1, 8):
+    wd = str(tmp_path / f"dev{n}")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script, wd], env=env, capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"DEVICES {n}" in proc.stdout
+    losses[n] = [json.loads(l)["loss"] for l in open(os.path.join(wd, "metrics.jsonl"))
+                 if '"loss"' in l]
+  assert len(losses[1]) == 4
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
