@@ -252,3 +252,30 @@ def test_eight_devices_match_one_device(tmp_path, digits_dir):
                  if '"loss"' in l]
   assert len(losses[1]) == 4
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+
+
+def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
+  """KD path: the teacher is restored, used in eval mode, and never saved with the student."""
+  teacher = models.create_model("resnet50", num_classes=10, channels=[4, 4, 8, 8],
+                                blocks_per_stage=[1, 1, 1, 1], seed=1)
+  tdir = checkpoint.save_model(teacher, str(tmp_path / "teacher"))
+  wd = str(tmp_path / "kd")
+  train.train_and_evaluate(small_config(digits_dir, num_train_steps=2, teacher_dir=tdir), wd)
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in l]
+  # (CE + KD) / 2 with KD against a 10-way teacher distribution
+  for l in lines:
+    assert math.isclose(l["loss"], (l["ce"] + l["second_loss"]) / 2, rel_tol=1e-5)
+  meta = json.load(open(os.path.join(wd, "checkpoints", "2", "meta", "metadata")))
+  assert meta["step"] == 2
+  assert isinstance(checkpoint.restore_model(wd), models.BCDNet)
+  tree = json.load(open(os.path.join(wd, "checkpoints", "2", "state", "_METADATA")))
+  keys = list(tree["tree_metadata"])
+  assert {k.split(",")[0].strip("('") for k in keys} == {"params", "batch_stats",
+                                                           "opt_state", "step"}
+  assert not any("layer1" in k for k in keys)  # no teacher weights in the student's state
+  # a teacher with the wrong number of classes is rejected before training
+  bad = models.create_model("resnet50", num_classes=7, channels=[4, 4, 8, 8],
+                            blocks_per_stage=[1, 1, 1, 1])
+  bdir = checkpoint.save_model(bad, str(tmp_path / "bad_teacher"))
+  with pytest.raises(train.ConfigError, match="teacher has 7 classes"):
+    train.train_and_evaluate(small_config(digits_dir, teacher_dir=bdir), str(tmp_path / "x"))
