@@ -164,23 +164,25 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir):
 
 
 def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
+  """8 steps straight == 4 steps + the process SIGKILLed during step 5 + resumed."""
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(small_config(digits_dir, num_train_steps=8,
                                         checkpoint_every_steps=4), straight)
-
-  class Killed(Exception):
-    pass
-
-  def kill_at_5(step):
-    if step == 5:  # the step-4 checkpoint exists; step 5 is lost as in a crash
-      raise Killed()
-
   resumed = str(tmp_path / "resumed")
-  cfg = small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=4)
-  with pytest.raises(Killed):
-    train.train_and_evaluate(cfg, resumed, step_hook=kill_at_5)
+  script = (
+      "import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+      "from test_train import small_config; from bcdnet_jax import train\n"
+      "c = small_config(%r, num_train_steps=8, checkpoint_every_steps=4)\n"
+      "train.train_and_evaluate(c, sys.argv[1], step_hook=lambda s: s == 5 and "
+      "os.kill(os.getpid(), signal.SIGKILL))\n" % (ROOT, os.path.join(ROOT, "tests"),
+                                                    digits_dir))
+  proc = subprocess.run([sys.executable, "-c", script, resumed], capture_output=True,
+                        text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["4"]
-  train.train_and_evaluate(cfg, resumed)
+  cfg = small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=4)
+  res = train.train_and_evaluate(cfg, resumed)
+  assert res["steps"] == 8
   for a, b in zip(final_params(straight), final_params(resumed)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
