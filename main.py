@@ -1,14 +1,24 @@
-"""Train or evaluate: python main.py --config=configs/stage2.py --workdir=DIR [--config.x=...]"""
+"""Train or evaluate: python main.py --config=configs/stage2.py --workdir=DIR [--config.x=...]
+
+Several processes (one per GPU) run the same command: under `srun` nothing more is needed;
+elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcdnet_jax import train
+from bcdnet_jax import distributed, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_list("local_device_ids", None, "Devices of this process, e.g. 0,1,2,3.")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "A process silent this long is declared dead; the others then fail.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -16,6 +26,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   train.setup_logging()
+  distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None,
+      heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
   if FLAGS.config.mode == "eval":
     train.evaluate(FLAGS.config, FLAGS.workdir)
   else:

@@ -84,7 +84,12 @@ def restore_model(directory: str) -> nnx.Module:
   spec = read_spec(directory)
   abstract = models.abstract_model(spec)
   graphdef, abstract_state = nnx.split(abstract)
-  target = nnx.to_pure_dict(abstract_state)
+  # Replicated on this process's devices, whatever topology wrote the checkpoint.
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ("data",)), jax.sharding.PartitionSpec())
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      nnx.to_pure_dict(abstract_state))
   state_path = os.path.join(os.path.abspath(directory), STATE_DIR)
   train_path = os.path.join(os.path.abspath(directory), TRAIN_CHECKPOINTS)
   if os.path.isdir(state_path):
@@ -94,7 +99,7 @@ def restore_model(directory: str) -> nnx.Module:
       raise CheckpointError(f"{state_path}: cannot restore the weights for the {spec.family}"
                             f" model recorded in {SPEC_FILE}: {type(e).__name__}: {e}") from None
   elif os.path.isdir(train_path):
-    restored, state_path = _restore_from_training(train_path)
+    restored, state_path = _restore_from_training(train_path, target)
   else:
     raise CheckpointError(f"{directory}: neither {STATE_DIR}/ (a model directory) nor "
                           f"{TRAIN_CHECKPOINTS}/ (a training workdir) is there")
@@ -104,36 +109,30 @@ def restore_model(directory: str) -> nnx.Module:
   return nnx.merge(graphdef, abstract_state)
 
 
-def _restore_from_training(path):
-  """Params and BN statistics of the latest checkpoint of a training workdir."""
-  manager = ocp.CheckpointManager(path, item_names=("state", "meta"),
+def _restore_from_training(path, target):
+  """Params and BN statistics (the 'model' item) of a training workdir's latest step."""
+  manager = ocp.CheckpointManager(path, item_names=("state", "model", "meta"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
+    manager.close()
     raise CheckpointError(f"{path}: no finished checkpoint in this training workdir")
   try:
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    raw = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target)))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"{path}: cannot read checkpoint {step}: {e}") from None
+    raise CheckpointError(f"{path}: cannot read the model of checkpoint {step}: "
+                          f"{type(e).__name__}: {e}") from None
   finally:
     manager.close()
-  merged = _deep_merge(_unwrap(raw["state"]["params"]), _unwrap(raw["state"]["batch_stats"]))
-  return merged, os.path.join(path, str(step))
+  return raw["model"], os.path.join(path, str(step))
 
 
-def _unwrap(tree):
-  """nnx Variables are saved as {'value': array}; keep the arrays."""
-  if isinstance(tree, dict):
-    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-      return tree["value"]
-    return {k: _unwrap(v) for k, v in tree.items()}
-  return tree
-
-
-def _deep_merge(a, b):
+def merge_pure(a, b):
+  """Deep union of two pure-dict states (e.g. parameters and BN statistics)."""
   out = dict(a)
   for k, v in b.items():
-    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and k in out else v
+    out[k] = merge_pure(out[k], v) if isinstance(v, dict) and k in out else v
   return out
 
 

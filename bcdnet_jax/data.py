@@ -1,7 +1,8 @@
 """Input pipelines on TFDS / tf.data: ImageNet-style training and evaluation.
 
-Each process reads its own part of a split (`tfds.split_for_jax_process`) and yields host
-batches; `train.py` assembles them into global arrays on the device mesh. Training is
+Each process yields the host batches of its own rows of every global batch (training) or
+its own part of the split (evaluation, `tfds.split_for_jax_process`); `train.py` assembles
+them into global arrays on the device mesh. Training is
 deterministic given the seed (stateless random ops keyed by the example's position in the
 stream), so the iterator position alone (batches consumed) restores it. Evaluation pads
 and masks the last batches so every example counts exactly once across processes.
@@ -234,23 +235,29 @@ def _options():
 
 def train_dataset(builder, cfg: DataConfig, local_batch: int, *, start_batch: int = 0,
                   process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """Infinite, deterministic host batches for this process, resumed at `start_batch`."""
-  split = tfds.even_splits(cfg.train_split, n=process_count, drop_remainder=True)[
-      process_index] if process_count > 1 else cfg.train_split
-  ds = builder.as_dataset(split=split, shuffle_files=False,
+  """Infinite, deterministic host batches for this process, resumed at `start_batch`.
+
+  All processes walk the same seeded global stream of examples; process p keeps rows
+  [p * local_batch, (p + 1) * local_batch) of every global batch and decodes only those.
+  Augmentation is keyed by the example's global position, so a run computes the same
+  global batches on any number of processes and devices (and resumes on another count).
+  The price is that every process reads (not decodes) every record.
+  """
+  global_batch = local_batch * process_count
+  ds = builder.as_dataset(split=cfg.train_split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(options=_options()))
   ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
   ds = ds.repeat()
-  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 7919 * process_index,
-                  reshuffle_each_iteration=True)
+  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
   ds = ds.enumerate()
-  ds = ds.skip(start_batch * local_batch)  # before decoding: cheap to skip
+  ds = ds.skip(start_batch * global_batch)  # before decoding: cheap to skip
+  if process_count > 1:
+    ds = ds.filter(lambda i, ex: (i % global_batch) // local_batch == process_index)
   jpeg = _is_jpeg(builder)
-  seed = cfg.seed * 1_000_003 + process_index
 
   def prep(i, ex):
-    s = tf.stack([tf.cast(seed, tf.int64), i])
+    s = tf.stack([tf.constant(cfg.seed, tf.int64), i])
     return {"image": preprocess_train(ex["image"], s, image_size=cfg.image_size, jpeg=jpeg,
                                       color_jitter=tuple(cfg.color_jitter),
                                       crop_scale=tuple(cfg.crop_scale),

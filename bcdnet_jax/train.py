@@ -274,10 +274,12 @@ def _model_spec(config, num_classes):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       step_hook: Callable[[int], Any] | None = None) -> dict:
+                       step_hook: Callable[[int], Any] | None = None,
+                       return_params: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates, returns results.
 
   Runs with a `pipeline` (the digits demo) go through each stage in its own subdirectory.
+  `return_params` adds the final parameters (host arrays) under "params".
   """
   if config.get("pipeline"):
     return _run_pipeline(config, workdir, step_hook)
@@ -322,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            create=True),
-      item_names=("state", "meta"))
+      item_names=("state", "model", "meta"))
   start_step = 0
   if manager.latest_step() is not None:
     latest = manager.latest_step()
@@ -356,8 +358,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         host_batch)
 
   def save(step):
+    # "model" holds what restore_model needs (weights + BN statistics) in the layout of
+    # a model directory, readable on any topology without the optimiser's structure.
+    model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
+                                       nnx.to_pure_dict(state["batch_stats"]))
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
         meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
                                 "spec": spec.to_json()})), force=True)
     manager.wait_until_finished()
@@ -423,6 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _write_json(os.path.join(workdir, "results.json"), results)
     log.info("final: top-1 %.4f top-5 %.4f on %d examples", results["top1"],
              results["top5"], results["num_eval_examples"])
+  if return_params:
+    results["params"] = jax.device_get(state["params"])
   return results
 
 

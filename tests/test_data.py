@@ -109,3 +109,15 @@ def test_image_folder_dataset(tmp_path):
   ds, n, total = data.eval_dataset(b, c, 4, 4)
   assert total == 6 and n == 2
   assert sum(int(x["mask"].sum()) for x in ds.as_numpy_iterator()) == 6
+
+
+def test_processes_split_each_global_batch(digits_dir):
+  """Two processes' local batches, stacked, are the one-process global batch."""
+  b = data.get_builder("digits", digits_dir)
+  c = cfg(data_dir=digits_dir)
+  whole = list(data.train_dataset(b, c, 8, start_batch=1).take(2).as_numpy_iterator())
+  parts = [list(data.train_dataset(b, c, 4, start_batch=1, process_index=p, process_count=2)
+                .take(2).as_numpy_iterator()) for p in range(2)]
+  for step in range(2):
+    stacked = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
+    np.testing.assert_array_equal(stacked, whole[step]["image"])

@@ -28,13 +28,16 @@ def digits_dir(tmp_path_factory):
   return d
 
 
-def small_config(data_dir, **kw):
+def small_config(data_dir, *, tiny=False, **kw):
   c = default.get_config()
   c.dataset, c.data_dir = "digits", data_dir
   c.train_split, c.eval_split = "train", "test"
   c.image_size, c.eval_crop_ratio = 16, 1.0
   c.model.name, c.model.stage = "bcdnet_a", 2
   c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 16), mlp_groups=1))
+  if tiny:  # for runs in subprocesses, where each process compiles again
+    c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16), mlp_groups=1,
+                                                       mlp_group=("lsr", "pw")))
   c.batch_size = c.base_batch_size = 16
   c.eval_batch_size = 120
   c.num_train_steps = 6
@@ -237,7 +240,7 @@ def test_eight_devices_match_one_device(tmp_path, digits_dir):
   script = (
       "import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
       "import jax; from test_train import small_config; from bcdnet_jax import train\n"
-      "c = small_config(%r, num_train_steps=4, checkpoint_every_steps=0)\n"
+      "c = small_config(%r, tiny=True, num_train_steps=4, checkpoint_every_steps=0)\n"
       "train.train_and_evaluate(c, sys.argv[1])\n"
       "print('DEVICES', jax.device_count())\n" % (ROOT, os.path.join(ROOT, "tests"),
                                                  digits_dir))

@@ -1,0 +1,115 @@
+"""Two processes on localhost (gloo CPU collectives), each with 2 fake CPU devices."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bcdnet_jax import checkpoint, data, distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "helpers", "train_worker.py")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds_dist"))
+  data.get_builder("digits", d)
+  return d
+
+
+def launch(workdir, data_dir, steps, devices, *args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  for k in list(env):
+    if k.startswith("SLURM_"):
+      del env[k]
+  env.update(env_extra or {})
+  return subprocess.Popen([sys.executable, WORKER, workdir, data_dir, str(steps), *args],
+                          env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=400):
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def params(workdir, process):
+  with np.load(os.path.join(workdir, f"params_{process}.npz")) as z:
+    return [z[str(i)] for i in range(len(z.files))]
+
+
+def test_two_processes_via_slurm_detection_equal_one_process(tmp_path, digits_dir):
+  job = str(random.randint(10_000, 99_999))
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  procs = [launch(multi, digits_dir, 4, 2, env_extra={
+      "SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+      "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"})
+      for i in range(2)]
+  one = launch(single, digits_dir, 4, 4)
+  outs = [finish(p) for p in procs + [one]]
+  for rc, out in outs:
+    assert rc == 0, out[-3000:]
+  assert "PROCESSES 2 DEVICES 4" in outs[0][1] and "PROCESSES 2 DEVICES 4" in outs[1][1]
+  assert "process 1 of 2" in outs[1][1]
+  assert "PROCESSES 1 DEVICES 4" in outs[2][1]
+  p0, p1, ref = params(multi, 0), params(multi, 1), params(single, 0)
+  for a, b in zip(p0, p1):
+    np.testing.assert_array_equal(a, b)  # replicated: identical on both processes
+  for a, b in zip(p0, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # only process 0 wrote the logs and results; the checkpoint restores in one process
+  assert os.path.exists(os.path.join(multi, "results.json"))
+  restored = checkpoint.restore_model(multi)
+  got = jax.tree.leaves(nnx.state(restored, nnx.Param))
+  for a, b in zip(got, p0):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_dead_process_fails_the_others_and_restart_resumes(tmp_path, digits_dir):
+  wd = str(tmp_path / "run")
+  port = str(random.randint(20_000, 40_000))
+  common = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+            "--heartbeat_timeout_s", "10"]
+  start = time.time()
+  survivor = launch(wd, digits_dir, 6, 2, *common, "--process_id", "0")
+  victim = launch(wd, digits_dir, 6, 2, *common, "--process_id", "1", "--kill_at", "3")
+  rc_victim, _ = finish(victim)
+  rc, out = finish(survivor)
+  assert rc_victim == -9
+  assert rc != 0 and time.time() - start < 300  # an error, not a hang
+  assert "heartbeat timeout" in out or "another task died" in out, out[-3000:]
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
+
+  port = str(random.randint(40_001, 60_000))
+  common[1] = f"localhost:{port}"
+  procs = [launch(wd, digits_dir, 6, 2, *common, "--process_id", str(i)) for i in range(2)]
+  outs = [finish(p) for p in procs]
+  for rc, out in outs:
+    assert rc == 0, out[-3000:]
+  assert "at step 2" in outs[0][1]  # resumed from the last checkpoint
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_single_process_needs_nothing(monkeypatch):
+  for k in list(os.environ):
+    if k.startswith("SLURM_"):
+      monkeypatch.delenv(k)
+  info = distributed.initialize()
+  assert info["process_count"] == 1 and info["process_index"] == 0
+  assert not distributed.under_slurm_multiprocess()
+  monkeypatch.setenv("SLURM_JOB_ID", "1")
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "n1")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  monkeypatch.setenv("SLURM_PROCID", "0")
+  monkeypatch.setenv("SLURM_LOCALID", "0")
+  assert not distributed.under_slurm_multiprocess()  # a one-task srun stays single
+  with pytest.raises(ValueError, match="together"):
+    distributed.initialize("localhost:1234")
