@@ -13,6 +13,8 @@ from flax import nnx
 
 from bcdnet_jax import checkpoint, data, distributed
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "helpers", "train_worker.py")
 
@@ -46,30 +48,50 @@ def params(workdir, process):
     return [z[str(i)] for i in range(len(z.files))]
 
 
-def test_two_processes_via_slurm_detection_equal_one_process(tmp_path, digits_dir):
+def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
+  """1 device (here), 8 fake devices, 1 process x 4 devices and 2 processes x 2 devices
+  (started through the SLURM detection) give the same losses and parameters: BN and the
+  loss are over the global batch whatever the sharding."""
+  import json
+  from bcdnet_jax import train
+  from test_train import small_config
   job = str(random.randint(10_000, 99_999))
-  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-  procs = [launch(multi, digits_dir, 4, 2, env_extra={
+  runs = {n: str(tmp_path / n) for n in ("one", "eight", "four", "multi")}
+  procs = [launch(runs["multi"], digits_dir, 4, 2, env_extra={
       "SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
       "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"})
       for i in range(2)]
-  one = launch(single, digits_dir, 4, 4)
-  outs = [finish(p) for p in procs + [one]]
+  procs.append(launch(runs["four"], digits_dir, 4, 4))
+  procs.append(launch(runs["eight"], digits_dir, 4, 8))
+  ref = train.train_and_evaluate(
+      small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2), runs["one"],
+      return_params=True)
+  outs = [finish(p) for p in procs]
   for rc, out in outs:
     assert rc == 0, out[-3000:]
   assert "PROCESSES 2 DEVICES 4" in outs[0][1] and "PROCESSES 2 DEVICES 4" in outs[1][1]
   assert "process 1 of 2" in outs[1][1]
-  assert "PROCESSES 1 DEVICES 4" in outs[2][1]
-  p0, p1, ref = params(multi, 0), params(multi, 1), params(single, 0)
+  assert "PROCESSES 1 DEVICES 4" in outs[2][1] and "PROCESSES 1 DEVICES 8" in outs[3][1]
+
+  def losses(wd):
+    return [json.loads(l)["loss"] for l in open(os.path.join(wd, "metrics.jsonl"))
+            if '"loss"' in l]
+
+  assert len(losses(runs["one"])) == 4
+  for name in ("eight", "four", "multi"):
+    np.testing.assert_allclose(losses(runs[name]), losses(runs["one"]), rtol=1e-5)
+  p0, p1 = params(runs["multi"], 0), params(runs["multi"], 1)
   for a, b in zip(p0, p1):
     np.testing.assert_array_equal(a, b)  # replicated: identical on both processes
-  for a, b in zip(p0, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # only process 0 wrote the logs and results; the checkpoint restores in one process
-  assert os.path.exists(os.path.join(multi, "results.json"))
-  restored = checkpoint.restore_model(multi)
-  got = jax.tree.leaves(nnx.state(restored, nnx.Param))
-  for a, b in zip(got, p0):
+  for name in ("four", "eight"):
+    for a, b in zip(p0, params(runs[name], 0)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(p0, jax.tree.leaves(ref["params"])):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+  # only process 0 wrote the results; the 2-process checkpoint restores in this process
+  assert os.path.exists(os.path.join(runs["multi"], "results.json"))
+  restored = checkpoint.restore_model(runs["multi"])
+  for a, b in zip(jax.tree.leaves(nnx.state(restored, nnx.Param)), p0):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
@@ -77,7 +99,7 @@ def test_dead_process_fails_the_others_and_restart_resumes(tmp_path, digits_dir)
   wd = str(tmp_path / "run")
   port = str(random.randint(20_000, 40_000))
   common = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-            "--heartbeat_timeout_s", "10"]
+            "--heartbeat_timeout_s", "5"]
   start = time.time()
   survivor = launch(wd, digits_dir, 6, 2, *common, "--process_id", "0")
   victim = launch(wd, digits_dir, 6, 2, *common, "--process_id", "1", "--kill_at", "3")

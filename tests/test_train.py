@@ -28,14 +28,14 @@ def digits_dir(tmp_path_factory):
   return d
 
 
-def small_config(data_dir, *, tiny=False, **kw):
+def small_config(data_dir, *, tiny=True, **kw):
   c = default.get_config()
   c.dataset, c.data_dir = "digits", data_dir
   c.train_split, c.eval_split = "train", "test"
   c.image_size, c.eval_crop_ratio = 16, 1.0
   c.model.name, c.model.stage = "bcdnet_a", 2
   c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 16), mlp_groups=1))
-  if tiny:  # for runs in subprocesses, where each process compiles again
+  if tiny:  # one basic block and a two-block MLP group: quick to compile
     c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16), mlp_groups=1,
                                                        mlp_group=("lsr", "pw")))
   c.batch_size = c.base_batch_size = 16
@@ -233,30 +233,6 @@ def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir
   assert len(preds) == total == res["num_eval_examples"]
   np.testing.assert_array_equal(res["predictions"], preds)
   assert math.isclose(res["top1"], float(np.mean(preds == labels)))
-
-
-def test_eight_devices_match_one_device(tmp_path, digits_dir):
-  """Global-batch BN: 8 fake CPU devices give the loss trajectory of 1 device."""
-  script = (
-      "import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-      "import jax; from test_train import small_config; from bcdnet_jax import train\n"
-      "c = small_config(%r, tiny=True, num_train_steps=4, checkpoint_every_steps=0)\n"
-      "train.train_and_evaluate(c, sys.argv[1])\n"
-      "print('DEVICES', jax.device_count())\n" % (ROOT, os.path.join(ROOT, "tests"),
-                                                 digits_dir))
-  losses = {}
-  for n in (1, 8):
-    wd = str(tmp_path / f"dev{n}")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script, wd], env=env, capture_output=True,
-                          text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"DEVICES {n}" in proc.stdout
-    losses[n] = [json.loads(l)["loss"] for l in open(os.path.join(wd, "metrics.jsonl"))
-                 if '"loss"' in l]
-  assert len(losses[1]) == 4
-  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
 
 
 def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
