@@ -224,6 +224,7 @@ class DataConfig:
   random_flip: bool = True
   shuffle_buffer: int = 16_384
   seed: int = 0
+  sharding: str = "global_stream"
 
 
 def _options():
@@ -241,23 +242,36 @@ def train_dataset(builder, cfg: DataConfig, local_batch: int, *, start_batch: in
   [p * local_batch, (p + 1) * local_batch) of every global batch and decodes only those.
   Augmentation is keyed by the example's global position, so a run computes the same
   global batches on any number of processes and devices (and resumes on another count).
-  The price is that every process reads (not decodes) every record.
+  The price is that every process reads (not decodes) every record. With
+  `cfg.sharding == "per_process"` each process instead reads only its own even part of
+  the split (`tfds.even_splits`) with its own shuffle: less I/O on many hosts, but the
+  batches then depend on the process count.
   """
+  if cfg.sharding not in ("global_stream", "per_process"):
+    raise DataError(f"config.data_sharding: unknown mode {cfg.sharding!r}; expected "
+                    "'global_stream' or 'per_process'")
+  per_process = cfg.sharding == "per_process" and process_count > 1
+  split = (tfds.even_splits(cfg.train_split, n=process_count, drop_remainder=True)
+           [process_index] if per_process else cfg.train_split)
+  stream_seed = cfg.seed + 7919 * process_index if per_process else cfg.seed
   global_batch = local_batch * process_count
-  ds = builder.as_dataset(split=cfg.train_split, shuffle_files=False,
+  ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(options=_options()))
   ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
   ds = ds.repeat()
-  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+  ds = ds.shuffle(cfg.shuffle_buffer, seed=stream_seed, reshuffle_each_iteration=True)
   ds = ds.enumerate()
-  ds = ds.skip(start_batch * global_batch)  # before decoding: cheap to skip
-  if process_count > 1:
-    ds = ds.filter(lambda i, ex: (i % global_batch) // local_batch == process_index)
+  if per_process:
+    ds = ds.skip(start_batch * local_batch)
+  else:
+    ds = ds.skip(start_batch * global_batch)  # before decoding: cheap to skip
+    if process_count > 1:
+      ds = ds.filter(lambda i, ex: (i % global_batch) // local_batch == process_index)
   jpeg = _is_jpeg(builder)
 
   def prep(i, ex):
-    s = tf.stack([tf.constant(cfg.seed, tf.int64), i])
+    s = tf.stack([tf.constant(stream_seed, tf.int64), i])
     return {"image": preprocess_train(ex["image"], s, image_size=cfg.image_size, jpeg=jpeg,
                                       color_jitter=tuple(cfg.color_jitter),
                                       crop_scale=tuple(cfg.crop_scale),

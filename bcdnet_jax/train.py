@@ -217,7 +217,7 @@ def _data_config(config) -> data.DataConfig:
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
       color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
       random_flip=config.random_flip, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed)
+      seed=config.seed, sharding=config.get("data_sharding", "global_stream"))
 
 
 def _write_json(path, obj):

@@ -22,6 +22,10 @@ def get_config():
   c.crop_scale = (0.08, 1.0)  # RandomResizedCrop area range
   c.random_flip = True
   c.shuffle_buffer = 16_384
+  # "global_stream": every process reads the same stream and decodes its rows of each
+  # global batch (results independent of the process count); "per_process": each process
+  # reads only its own part of the split (less I/O on many hosts).
+  c.data_sharding = "global_stream"
 
   # Global batch. The learning rate below is for `base_batch_size` and scales linearly.
   c.batch_size = 256

@@ -121,3 +121,22 @@ def test_processes_split_each_global_batch(digits_dir):
   for step in range(2):
     stacked = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
     np.testing.assert_array_equal(stacked, whole[step]["image"])
+
+
+def test_per_process_sharding_reads_disjoint_parts(digits_dir):
+  b = data.get_builder("digits", digits_dir)
+  # no augmentation, so a batch shows the stored images themselves
+  c = cfg(data_dir=digits_dir, sharding="per_process", shuffle_buffer=1, crop_scale=(1.0, 1.0),
+          random_flip=False, color_jitter=(0.0, 0.0, 0.0, 0.0))
+  n = data.split_size(b, "train") // 2
+  seen = []
+  for p in range(2):
+    ds = data.train_dataset(b, c, n, process_index=p, process_count=2).take(1)
+    batch = next(ds.as_numpy_iterator())
+    seen.append({x.tobytes() for x in batch["image"].round(4)})
+  whole = next(data.train_dataset(b, c, 2 * n).as_numpy_iterator())
+  everything = {x.tobytes() for x in whole["image"].round(4)}
+  assert seen[0] | seen[1] == everything  # the halves cover the split...
+  assert len(seen[0] & seen[1]) < 0.02 * n  # ...and share no example (but duplicates)
+  with pytest.raises(data.DataError, match="config.data_sharding"):
+    data.train_dataset(b, cfg(data_dir=digits_dir, sharding="bogus"), 4)
