@@ -26,7 +26,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcdnet_jax import checkpoint, data, models
+from bcdnet_jax import checkpoint, models
+
+# `bcdnet_jax.data` (TensorFlow) is imported inside the functions that build pipelines, so
+# the steps, losses and optimiser work where TensorFlow is not installed (bench/ on GPUs).
 
 log = logging.getLogger("bcdnet_jax")
 
@@ -211,6 +214,7 @@ class _Preemption:
 
 
 def _data_config(config) -> data.DataConfig:
+  from bcdnet_jax import data
   return data.DataConfig(
       dataset=config.dataset, data_dir=config.data_dir or None,
       train_split=config.train_split, eval_split=config.eval_split,
@@ -256,6 +260,7 @@ class _Writer:
 
 
 def resolve_num_classes(config, builder) -> int:
+  from bcdnet_jax import data
   n = data.num_classes(builder)
   if config.model.num_classes and config.model.num_classes != n:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes} but dataset "
@@ -281,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Runs with a `pipeline` (the digits demo) go through each stage in its own subdirectory.
   `return_params` adds the final parameters (host arrays) under "params".
   """
+  from bcdnet_jax import data
   if config.get("pipeline"):
     return _run_pipeline(config, workdir, step_hook)
   start_time = time.time()
@@ -449,6 +455,7 @@ def _fmt_eta(seconds):
 def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
                    return_predictions=False) -> dict:
   """Top-1/top-5 over the whole eval split; checks every example counted once."""
+  from bcdnet_jax import data
   local = eval_batch_size // jax.process_count()
   ds, num_batches, total = data.eval_dataset(builder, dcfg, local, eval_batch_size,
                                              process_index=jax.process_index(),
@@ -477,6 +484,7 @@ def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              return_predictions: bool = False) -> dict:
   """Evaluates `config.checkpoint` (a model directory or training workdir) on eval_split."""
+  from bcdnet_jax import data
   start = time.time()
   mesh = Mesh(np.array(jax.devices()), ("data",))
   if not config.checkpoint:

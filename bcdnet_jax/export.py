@@ -1,0 +1,324 @@
+"""Export a stage-2 model to a 1-bit deploy artefact (`bcdnet_jax.packed` runs it).
+
+What is folded, and why each fold is exact in exact arithmetic:
+- a binary conv and the BatchNorm after it: BN(mean|W| * D + beta) = k * D + g * beta + c
+  with g = gamma / sqrt(var + eps), k = g * mean|W| and c = bias - mean * g, per output
+  channel, D the integer ±1 product; BCDNet-B's beta = W3 e is folded as (W3 * g) e;
+- the two heads: evaluation averages them, and (W1 z + b1 + W2 z + b2) / 2 = W z + b;
+- the stem's BatchNorm becomes a per-channel affine after the stem conv.
+Binary weights are stored as sign bits, 32 per uint32 word along the input channels.
+Real-valued tensors are float32, or float16 with `real_dtype='float16'` (computed in
+float32 after loading).
+
+    python -m bcdnet_jax.export --checkpoint DIR --out model.bcdnet [--float16] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcdnet_jax import packed
+from bcdnet_jax.packed import ArtefactError, DeployModel, pack_bits
+
+FORMAT = "bcdnet-jax-deploy"
+REAL_DTYPES = ("float32", "float16")
+
+
+class ExportError(ValueError):
+  """A model or checkpoint that cannot be exported; the message says why."""
+
+
+# --- folding ---------------------------------------------------------------------------------
+
+def _fold_bn(bn):
+  g = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.eps)
+  return g, bn.bias[...] - bn.mean[...] * g
+
+
+class _Writer:
+  """Collects the program and its tensors while walking a model."""
+
+  def __init__(self, real_dtype: str):
+    self.program: list[dict] = []
+    self.tensors: dict[str, jax.Array] = {}
+    self.real = jnp.dtype(real_dtype)
+
+  def real_tensor(self, name, x):
+    self.tensors[name] = jnp.asarray(x).astype(self.real)
+
+  def binary_conv(self, name, kernel, g):
+    """Sign bits (O, kh*kw*W), non-zero mask, and k = g * mean|W| of an HWIO kernel."""
+    s = jnp.sign(jnp.transpose(kernel, (3, 0, 1, 2)))
+    o = kernel.shape[-1]
+    self.tensors[name + ".bits"] = pack_bits(s > 0).reshape(o, -1)
+    self.tensors[name + ".wmask"] = pack_bits(s != 0).reshape(o, -1)
+    self.real_tensor(name + ".k", jnp.mean(jnp.abs(kernel), axis=(0, 1, 2)) * g)
+
+  def activation(self, name, act, g_out):
+    self.real_tensor(name + ".threshold", act.bias.bias[...])
+    if act.dynamic is not None:
+      d = act.dynamic
+      self.real_tensor(name + ".embed", d.embed.kernel[...])
+      self.real_tensor(name + ".alpha", d.alpha.kernel[...])
+      self.real_tensor(name + ".beta", d.beta.kernel[...] * g_out[None, :])
+
+  def rprelu(self, name, r):
+    self.real_tensor(name + ".shift_in", r.shift_in.bias[...])
+    self.real_tensor(name + ".slope", r.prelu.slope[...])
+    self.real_tensor(name + ".shift_out", r.shift_out.bias[...])
+
+  def affine_conv(self, name, conv, bn):
+    g, c = _fold_bn(bn)
+    self.real_tensor(name + ".kernel", conv.kernel[...])
+    self.real_tensor(name + ".scale", g)
+    self.real_tensor(name + ".shift", c)
+
+
+def _walk(model, w: _Writer) -> None:
+  from bcdnet_jax import blocks, models  # the runtime itself needs neither
+  spec = model.spec
+  c = spec.in_channels
+  for i, layer in enumerate(model.features):
+    n = f"features.{i}"
+    if isinstance(layer, models.Stem):
+      k = layer.conv.kernel.shape[0]
+      out = layer.conv.kernel.shape[-1]
+      w.affine_conv(n, layer.conv, layer.bn)
+      w.program.append(dict(op="stem", name=n, kernel=k, max_pool=layer.max_pool, **{
+          "in": c, "out": out}))
+    elif isinstance(layer, blocks.BasicBlock):
+      out = 2 * c if layer.doubles else c
+      g1, c1 = _fold_bn(layer.bn1)
+      w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g1)
+      w.real_tensor(n + ".c1", c1)
+      w.activation(n + ".act1", layer.act1, g1)
+      w.rprelu(n + ".rprelu1", layer.rprelu1)
+      if layer.doubles:
+        (ga, ca), (gb, cb) = _fold_bn(layer.bn2_1), _fold_bn(layer.bn2_2)
+        g2, c2 = jnp.concatenate([ga, gb]), jnp.concatenate([ca, cb])
+        kernel = jnp.concatenate([layer.pw_down1.kernel[...], layer.pw_down2.kernel[...]],
+                                 axis=-1)
+      else:
+        (g2, c2), kernel = _fold_bn(layer.bn2), layer.pw.kernel[...]
+      w.binary_conv(n + ".pw", kernel, g2)
+      w.real_tensor(n + ".c2", c2)
+      w.activation(n + ".act2", layer.act2, g2)
+      w.rprelu(n + ".rprelu2", layer.rprelu2)
+      w.program.append(dict(op="basic", name=n, stride=layer.stride,
+                            doubles=layer.doubles, **{"in": c, "out": out}))
+    elif isinstance(layer, blocks.ResNet18Block):
+      out = layer.conv3x3.kernel.shape[-1]
+      g, cc = _fold_bn(layer.bn)
+      w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g)
+      w.real_tensor(n + ".c", cc)
+      w.activation(n + ".act", layer.act, g)
+      w.rprelu(n + ".rprelu", layer.rprelu)
+      if layer.downsample is not None:
+        w.affine_conv(n + ".down", layer.downsample.conv, layer.downsample.bn)
+      w.program.append(dict(op="r18", name=n, stride=layer.conv3x3.stride,
+                            downsample=layer.downsample is not None,
+                            **{"in": c, "out": out}))
+    else:
+      raise ExportError(f"cannot export layer features.{i} ({type(layer).__name__})")
+    c = out
+  for gi, group in enumerate(model.mlp):
+    for j, block in enumerate(group):
+      n = f"mlp.{gi}.{j}"
+      g, cc = _fold_bn(block.bn)
+      convs = (("token_mlp", "short_mlp", "long_mlp")
+               if isinstance(block, blocks.LongShortRangeBlock) else ("token_mlp",))
+      for conv in convs:
+        w.binary_conv(f"{n}.{conv}", getattr(block, conv).kernel[...], g)
+      w.real_tensor(n + ".c", cc)
+      w.activation(n + ".act", block.act, g)
+      w.rprelu(n + ".rprelu", block.rprelu)
+      if isinstance(block, blocks.LongShortRangeBlock):
+        w.program.append(dict(op="lsr", name=n, shift_mode=block.shift_mode, **{"in": c}))
+      else:
+        w.program.append(dict(op="pw", name=n, **{"in": c}))
+  w.real_tensor("head.kernel", (model.head.kernel[...] + model.head_dist.kernel[...]) / 2)
+  w.real_tensor("head.bias", (model.head.bias[...] + model.head_dist.bias[...]) / 2)
+  w.program.append(dict(op="head", name="head", **{"in": c, "out": spec.num_classes}))
+
+
+def _check_exportable(spec) -> None:
+  if spec.family == "resnet50":
+    raise ExportError("resnet50 is the real-valued teacher: nothing to binarise; export "
+                      "a stage-2 BCDNet / ReActNet model")
+  if spec.stage != 2:
+    raise ExportError(f"the model is stage {spec.stage}: its weights are real-valued, so a "
+                      "1-bit artefact would not compute what it computes; export a stage-2 "
+                      "model (train stage 2 from it first)")
+
+
+def deploy_tensors(model, real_dtype: str = "float32") -> tuple[list[dict], dict]:
+  """(program, tensors) of a stage-2 model in evaluation semantics (running BN stats)."""
+  if real_dtype not in REAL_DTYPES:
+    raise ExportError(f"real_dtype must be one of {REAL_DTYPES}, got {real_dtype!r}")
+  _check_exportable(model.spec)
+  w = _Writer(real_dtype)
+  _walk(model, w)
+  return w.program, w.tensors
+
+
+def deploy_size_bytes(spec, real_dtype: str = "float32") -> dict:
+  """Sizes of the artefact of `spec` from shapes alone (no weights allocated).
+
+  Assumes no weight is exactly 0 (then no mask is stored; the usual case): returns the
+  binary, real and total data bytes; the file adds a header of a few tens of kilobytes.
+  """
+  from flax import nnx
+
+  from bcdnet_jax import models
+  graphdef, state = nnx.split(models.abstract_model(spec))
+  shapes = jax.eval_shape(lambda s: deploy_tensors(nnx.merge(graphdef, s), real_dtype)[1],
+                          state)
+  size = {k: math.prod(v.shape) * v.dtype.itemsize for k, v in shapes.items()
+          if not k.endswith(".wmask")}
+  binary = sum(v for k, v in size.items() if k.endswith(".bits"))
+  return {"binary_bytes": binary, "real_bytes": sum(size.values()) - binary,
+          "data_bytes": sum(size.values())}
+
+
+# --- writing and loading ---------------------------------------------------------------------
+
+def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: bool = False,
+                 source: str = "") -> dict:
+  """Writes the deploy artefact of `model` to `out`; returns a report of what it holds.
+
+  The file is written next to `out` and renamed into place, so an existing file is
+  replaced only with `overwrite=True`, and never by a half-written one.
+  """
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise ExportError(f"{out}: already exists; refusing to overwrite it (pass "
+                      "overwrite=True / --overwrite)")
+  if os.path.isdir(out):
+    raise ExportError(f"{out}: is a directory")
+  program, tensors = deploy_tensors(model, real_dtype)
+  arrays = {}
+  zeros = 0
+  for name, x in tensors.items():
+    x = np.asarray(x)
+    if name.endswith(".wmask"):
+      # Keep a mask only where some weight is exactly 0 (sign 0; padding channels are
+      # masked in the activations already).
+      if np.array_equal(x, np.asarray(_full_mask_like(x, name, program))):
+        continue
+      zeros += 1
+    arrays[name] = x
+  header = {"format": FORMAT, "spec": model.spec.to_json(), "program": program,
+            "real_dtype": real_dtype, "source": source,
+            "preprocess": {"mean_rgb": [0.485, 0.456, 0.406],
+                           "stddev_rgb": [0.229, 0.224, 0.225],
+                           "image_size": 224, "crop_ratio": 224 / 256}}
+  packed.validate(header, arrays, out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  os.close(fd)
+  try:
+    size = packed.write(tmp, header, arrays)
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".wmask")))
+  return {"path": out, "file_bytes": size, "binary_bytes": binary,
+          "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,
+          "tensors": len(arrays), "masked_convs": zeros, "real_dtype": real_dtype}
+
+
+def _full_mask_like(bits, name, program):
+  """The mask of a conv whose weights are all non-zero (padding channels excluded)."""
+  conv = name[:-len(".wmask")]
+  op = next(o for o in program if conv.startswith(o["name"] + "."))
+  o, n = bits.shape
+  k = 3 if conv.endswith("conv3x3") else 1
+  return pack_bits(jnp.ones((o, k, k, op["in"]), bool)).reshape(o, n)
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:
+  """Exports the model in a model directory or training workdir (see `checkpoint`)."""
+  from bcdnet_jax import checkpoint
+  spec = checkpoint.read_spec(checkpoint_dir)
+  _check_exportable(spec)
+  model = checkpoint.restore_model(checkpoint_dir)
+  model.eval()
+  return export_model(model, out, source=os.path.abspath(checkpoint_dir), **kw)
+
+
+def load_packed(path: str) -> DeployModel:
+  """Loads an artefact: returns `f(x, path='packed')`, float32 NHWC (normalised) -> logits.
+
+  `path` is 'packed' (XNOR-popcount), 'int8' or 'float'. Raises `ArtefactError` on a
+  missing, truncated or corrupted file or an inconsistent architecture header.
+  """
+  header, tensors = packed.read(path)
+  if header.get("format") != FORMAT:
+    raise ArtefactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+  return DeployModel(header, tensors, path)
+
+
+def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
+           seed: int = 0) -> dict:
+  """Largest |logit difference| of each path against the float model, and top-1 agreement."""
+  from flax import nnx
+  model.eval()
+  x = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size,
+                                               model.spec.in_channels))
+  graphdef, state = nnx.split(model)
+  ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+  out = {}
+  for path in packed.PATHS:
+    y = np.asarray(predict(x, path=path))
+    out[path] = {"max_abs_diff": float(np.max(np.abs(y - ref))),
+                 "max_logit": float(np.max(np.abs(ref))),
+                 "top1_equal": bool(np.array_equal(y.argmax(-1), ref.argmax(-1)))}
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory (convert_torch_ckpt.py) or training workdir")
+  p.add_argument("--out", required=True, help="artefact file to write")
+  p.add_argument("--float16", action="store_true", help="store real-valued tensors in fp16")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--verify", action="store_true",
+                 help="compare every path with the float model on random images")
+  p.add_argument("--verify_image_size", type=int, default=64)
+  a = p.parse_args(argv)
+  try:
+    report = export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite,
+                               real_dtype="float16" if a.float16 else "float32")
+  except (ExportError, ArtefactError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {report['path']}: {report['file_bytes']:,} bytes "
+        f"({report['binary_bytes']:,} binary, {report['real_bytes']:,} real-valued "
+        f"{report['real_dtype']})")
+  if a.verify:
+    from bcdnet_jax import checkpoint
+    model = checkpoint.restore_model(a.checkpoint)
+    res = verify(model, load_packed(a.out), image_size=a.verify_image_size)
+    for path, r in res.items():
+      print(f"  {path:6s} max |logit diff| {r['max_abs_diff']:.3g} "
+            f"(max |logit| {r['max_logit']:.3g}), top-1 equal: {r['top1_equal']}")
+    report["verify"] = res
+  print(json.dumps(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,97 @@
+"""Top-5 ImageNet classes of image files from a deploy artefact (`bcdnet_jax.export`).
+
+Images get the evaluation preprocessing of training (`data.preprocess_eval`: shorter side
+to 256, centre crop 224, normalised), so predictions are those the evaluation measures.
+
+    python -m bcdnet_jax.predict --model model.bcdnet image.jpg [more.png ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import sys
+
+import numpy as np
+
+
+class PredictError(ValueError):
+  """An image that cannot be read or decoded; the message names the file."""
+
+
+def class_names(num_classes: int) -> list[str]:
+  """ImageNet-1k names for 1000 classes; 'class <i>' for any other label set."""
+  if num_classes == 1000:
+    text = importlib.resources.files("bcdnet_jax").joinpath("imagenet_classes.txt")
+    names = text.read_text().splitlines()
+    if len(names) == 1000:
+      return names
+  return [f"class {i}" for i in range(num_classes)]
+
+
+def load_images(paths: list[str], image_size: int, crop_ratio: float) -> np.ndarray:
+  """Decodes and preprocesses image files into a normalised NHWC float32 batch."""
+  import tensorflow as tf
+
+  from bcdnet_jax import data
+  out = []
+  for path in paths:
+    try:
+      raw = tf.io.read_file(path)
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
+      raise PredictError(f"{path}: cannot read the image file ({e.message})") from None
+    try:
+      image = data.preprocess_eval(raw, image_size=image_size, jpeg=False,
+                                   crop_ratio=crop_ratio)
+    except (tf.errors.InvalidArgumentError, ValueError) as e:
+      msg = getattr(e, "message", str(e)).splitlines()[0]
+      raise PredictError(f"{path}: not a decodable image (JPEG, PNG, GIF or BMP): "
+                         f"{msg}") from None
+    out.append(image.numpy())
+  return np.stack(out)
+
+
+def predict(model, images: np.ndarray, *, path: str = "packed", k: int = 5):
+  """(top-k indices, top-k probabilities) per image."""
+  import jax
+  logits = np.asarray(model(images, path=path))
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  top = np.argsort(-probs, axis=-1)[:, :k]
+  return top, np.take_along_axis(probs, top, axis=-1)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", required=True, help="deploy artefact (bcdnet_jax.export)")
+  p.add_argument("--path", default="packed", choices=["packed", "int8", "float"])
+  p.add_argument("--top", type=int, default=5)
+  p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+  p.add_argument("images", nargs="+")
+  a = p.parse_args(argv)
+  from bcdnet_jax import export
+  try:
+    model = export.load_packed(a.model)
+    pre = model.header.get("preprocess", {})
+    images = load_images(a.images, int(pre.get("image_size", 224)),
+                         float(pre.get("crop_ratio", 224 / 256)))
+  except (export.ArtefactError, PredictError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  names = class_names(model.num_classes)
+  top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
+  result = []
+  for path, idx, pr in zip(a.images, top, probs):
+    preds = [{"class": int(i), "name": names[i], "prob": float(q)} for i, q in zip(idx, pr)]
+    result.append({"image": path, "top": preds})
+    if not a.json:
+      print(path)
+      for r in preds:
+        print(f"  {r['prob']:6.1%}  {r['class']:4d}  {r['name']}")
+  if a.json:
+    print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
