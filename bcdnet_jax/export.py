@@ -61,6 +61,7 @@ class _Writer:
     o = kernel.shape[-1]
     self.tensors[name + ".bits"] = pack_bits(s > 0).reshape(o, -1)
     self.tensors[name + ".wmask"] = pack_bits(s != 0).reshape(o, -1)
+    self.tensors[name + ".has_zero"] = jnp.any(s == 0)  # keep the mask only then
     self.real_tensor(name + ".k", jnp.mean(jnp.abs(kernel), axis=(0, 1, 2)) * g)
 
   def activation(self, name, act, g_out):
@@ -160,33 +161,60 @@ def _check_exportable(spec) -> None:
                       "model (train stage 2 from it first)")
 
 
-def deploy_tensors(model, real_dtype: str = "float32") -> tuple[list[dict], dict]:
-  """(program, tensors) of a stage-2 model in evaluation semantics (running BN stats)."""
+def deploy_tensors(model, real_dtype: str = "float32", *, abstract: bool = False
+                   ) -> tuple[list[dict], dict]:
+  """(program, tensors) of a stage-2 model in evaluation semantics (running BN stats).
+
+  The walk is traced once under `jax.jit` (or `jax.eval_shape` with `abstract=True`,
+  giving shapes only) instead of running hundreds of small ops eagerly. Tensors come in
+  the walk's order, which is the file's.
+  """
+  from flax import nnx
   if real_dtype not in REAL_DTYPES:
     raise ExportError(f"real_dtype must be one of {REAL_DTYPES}, got {real_dtype!r}")
   _check_exportable(model.spec)
-  w = _Writer(real_dtype)
-  _walk(model, w)
-  return w.program, w.tensors
+  graphdef, state = nnx.split(model)
+  program, order = [], []
+
+  def walk(state):
+    w = _Writer(real_dtype)
+    _walk(nnx.merge(graphdef, state), w)
+    program[:], order[:] = w.program, list(w.tensors)
+    return w.tensors
+
+  out = jax.eval_shape(walk, state) if abstract else jax.jit(walk)(state)
+  return program, {k: out[k] for k in order}
 
 
-def deploy_size_bytes(spec, real_dtype: str = "float32") -> dict:
-  """Sizes of the artefact of `spec` from shapes alone (no weights allocated).
+def deploy_size_bytes(spec, *, abstract=None) -> dict[str, dict]:
+  """Exact artefact sizes of `spec` from shapes alone (no weights allocated), per real
+  dtype: {'float32': {binary_bytes, real_bytes, file_bytes}, 'float16': {...}}.
 
-  Assumes no weight is exactly 0 (then no mask is stored; the usual case): returns the
-  binary, real and total data bytes; the file adds a header of a few tens of kilobytes.
+  Assumes no weight is exactly 0 (then no mask is stored; the usual case) and an empty
+  `source` path in the header (`export_model`'s default).
   """
-  from flax import nnx
-
   from bcdnet_jax import models
-  graphdef, state = nnx.split(models.abstract_model(spec))
-  shapes = jax.eval_shape(lambda s: deploy_tensors(nnx.merge(graphdef, s), real_dtype)[1],
-                          state)
-  size = {k: math.prod(v.shape) * v.dtype.itemsize for k, v in shapes.items()
-          if not k.endswith(".wmask")}
-  binary = sum(v for k, v in size.items() if k.endswith(".bits"))
-  return {"binary_bytes": binary, "real_bytes": sum(size.values()) - binary,
-          "data_bytes": sum(size.values())}
+  _check_exportable(spec)
+  program, shapes = deploy_tensors(abstract if abstract is not None
+                                   else models.abstract_model(spec), abstract=True)
+  shapes = {k: v for k, v in shapes.items() if not k.endswith((".wmask", ".has_zero"))}
+  out = {}
+  for dt in REAL_DTYPES:
+    meta = {k: (v.dtype if k.endswith(".bits") else np.dtype(dt), v.shape)
+            for k, v in shapes.items()}
+    nbytes = {k: math.prod(shape) * np.dtype(d).itemsize for k, (d, shape) in meta.items()}
+    binary = sum(v for k, v in nbytes.items() if k.endswith(".bits"))
+    out[dt] = {"binary_bytes": binary, "real_bytes": sum(nbytes.values()) - binary,
+               "file_bytes": packed.file_size(_header(spec, program, dt, ""), meta)}
+  return out
+
+
+def _header(spec, program, real_dtype, source) -> dict:
+  return {"format": FORMAT, "spec": spec.to_json(), "program": program,
+          "real_dtype": real_dtype, "source": source,
+          "preprocess": {"mean_rgb": [0.485, 0.456, 0.406],
+                         "stddev_rgb": [0.229, 0.224, 0.225],
+                         "image_size": 224, "crop_ratio": 224 / 256}}
 
 
 # --- writing and loading ---------------------------------------------------------------------
@@ -208,19 +236,15 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
   arrays = {}
   zeros = 0
   for name, x in tensors.items():
-    x = np.asarray(x)
+    if name.endswith(".has_zero"):
+      continue
     if name.endswith(".wmask"):
-      # Keep a mask only where some weight is exactly 0 (sign 0; padding channels are
-      # masked in the activations already).
-      if np.array_equal(x, np.asarray(_full_mask_like(x, name, program))):
+      # Weights exactly 0 have sign 0 (as torch.sign): only then is the mask needed.
+      if not bool(tensors[name[:-len(".wmask")] + ".has_zero"]):
         continue
       zeros += 1
-    arrays[name] = x
-  header = {"format": FORMAT, "spec": model.spec.to_json(), "program": program,
-            "real_dtype": real_dtype, "source": source,
-            "preprocess": {"mean_rgb": [0.485, 0.456, 0.406],
-                           "stddev_rgb": [0.229, 0.224, 0.225],
-                           "image_size": 224, "crop_ratio": 224 / 256}}
+    arrays[name] = np.asarray(x)
+  header = _header(model.spec, program, real_dtype, source)
   packed.validate(header, arrays, out)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -237,15 +261,6 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
   return {"path": out, "file_bytes": size, "binary_bytes": binary,
           "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,
           "tensors": len(arrays), "masked_convs": zeros, "real_dtype": real_dtype}
-
-
-def _full_mask_like(bits, name, program):
-  """The mask of a conv whose weights are all non-zero (padding channels excluded)."""
-  conv = name[:-len(".wmask")]
-  op = next(o for o in program if conv.startswith(o["name"] + "."))
-  o, n = bits.shape
-  k = 3 if conv.endswith("conv3x3") else 1
-  return pack_bits(jnp.ones((o, k, k, op["in"]), bool)).reshape(o, n)
 
 
 def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:

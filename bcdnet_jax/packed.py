@@ -240,28 +240,45 @@ def _op_key(op: dict) -> tuple:
 
 # --- the file --------------------------------------------------------------------------------
 
-def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
-  """Writes header + tensors (each 64-byte aligned) to `path`; returns the file size."""
-  table, blobs, offset = {}, [], 0
-  for name, arr in tensors.items():
-    arr = np.ascontiguousarray(arr)
-    pad = (-offset) % ALIGN
-    blobs.append(b"\0" * pad)
-    offset += pad
-    table[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
-                   "nbytes": int(arr.nbytes)}
-    blobs.append(arr.tobytes())
-    offset += arr.nbytes
-  data = b"".join(blobs)
-  header = dict(header, tensors=table, data_bytes=len(data),
-                data_sha256=hashlib.sha256(data).hexdigest())
+def _table(meta: dict[str, tuple[np.dtype, tuple]]) -> tuple[dict, int]:
+  """Tensor table (dtype, shape, 64-byte aligned offset, nbytes) and the data length."""
+  table, offset = {}, 0
+  for name, (dtype, shape) in meta.items():
+    dtype = np.dtype(dtype)
+    offset += (-offset) % ALIGN
+    nbytes = dtype.itemsize * math.prod(shape)
+    table[name] = {"dtype": dtype.str, "shape": [int(d) for d in shape], "offset": offset,
+                   "nbytes": int(nbytes)}
+    offset += nbytes
+  return table, offset
+
+
+def _head(header: dict, table: dict, data_bytes: int, sha256: str) -> bytes:
+  header = dict(header, tensors=table, data_bytes=data_bytes, data_sha256=sha256)
   hbytes = json.dumps(header, separators=(",", ":")).encode()
   head = MAGIC + struct.pack("<II", VERSION, len(hbytes)) + hbytes
-  head += b"\0" * ((-len(head)) % ALIGN)
+  return head + b"\0" * ((-len(head)) % ALIGN)
+
+
+def file_size(header: dict, meta: dict[str, tuple[np.dtype, tuple]]) -> int:
+  """The exact size `write` gives, from dtypes and shapes alone."""
+  table, n = _table(meta)
+  return len(_head(header, table, n, "0" * 64)) + n
+
+
+def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
+  """Writes header + tensors (each 64-byte aligned) to `path`; returns the file size."""
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  table, n = _table({k: (v.dtype, v.shape) for k, v in tensors.items()})
+  data = bytearray(n)
+  for name, arr in tensors.items():
+    off = table[name]["offset"]
+    data[off:off + arr.nbytes] = arr.tobytes()
+  head = _head(header, table, n, hashlib.sha256(data).hexdigest())
   with open(path, "wb") as f:
     f.write(head)
     f.write(data)
-  return len(head) + len(data)
+  return len(head) + n
 
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:

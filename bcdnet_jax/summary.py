@@ -12,7 +12,9 @@ linear layer reports what it computed. Conventions (the paper's, the default):
 - OPs = BOPs / 64 + FLOPs.
 - Size: float32 parameters and BN running statistics (`size_bytes_fp32`) against 1 bit
   per binary weight plus a float32 scale per output channel and float32 for everything
-  else (`size_bytes_packed`).
+  else (`size_bytes_packed`), and the exact size of the deploy artefact that
+  `bcdnet_jax.export` writes (BN and scales folded, one head; `deploy_bytes_fp32` and
+  `deploy_bytes_fp16` for float32 / float16 real-valued parts; stage-2 binary models).
 
     python -m bcdnet_jax.summary --arch bcdnet_a --stage 2 [--image_size 224] [--json]
 """
@@ -121,7 +123,14 @@ def summarize(spec: models.ModelSpec, image_size: int = 224, *,
   fp32 = 4 * (params + bn_stats)
   packed = (binary_params + 7) // 8 + 4 * (params - binary_params + bn_stats
                                            + binary_out_channels)
+  deploy = {}
+  if spec.stage == 2 and spec.family != "resnet50":
+    from bcdnet_jax import export
+    for dt, d in export.deploy_size_bytes(spec, abstract=abstract).items():
+      deploy[f"deploy_bytes_{dt.replace('float', 'fp')}"] = d["file_bytes"]
+      deploy[f"deploy_compression_{dt.replace('float', 'fp')}"] = fp32 / d["file_bytes"]
   return {
+      **deploy,
       "arch": spec.family, "stage": spec.stage, "image_size": image_size,
       "params": params, "binary_params": binary_params,
       "real_params": params - binary_params, "bn_statistics": bn_stats,
@@ -151,6 +160,11 @@ def format_table(result: dict) -> str:
             f"size fp32       {r['size_bytes_fp32'] / 1e6:.1f} MB (parameters + BN statistics)",
             f"size 1-bit      {r['size_bytes_packed'] / 1e6:.1f} MB "
             f"({r['compression']:.1f}x smaller)"]
+  if "deploy_bytes_fp32" in r:
+    lines += [f"deploy artefact {r['deploy_bytes_fp32'] / 1e6:.2f} MB "
+              f"({r['deploy_compression_fp32']:.1f}x smaller; BN and scales folded, one head)",
+              f"  with fp16     {r['deploy_bytes_fp16'] / 1e6:.2f} MB "
+              f"({r['deploy_compression_fp16']:.1f}x smaller)"]
   return "\n".join(lines)
 
 

@@ -2,9 +2,11 @@
 # One prepared GPU benchmark run (the `device` tool: 15 minutes in all, one call).
 #
 #   run(command="bash bench/device.sh", carry=[".whl"], timeout_s=540)
+#   BATCHES="256" BUDGET_S=140 bash bench/device.sh     # a subset
 #
-# Installs what the GPU image lacks from carried wheels (.whl/: flax==0.12.8 and
-# ml_collections, fetched here with `pip download`, see README "Speed"), then measures
+# Installs what the GPU image lacks from carried wheels (.whl/: ml_collections, fetched
+# here with `pip download`, see README "Speed"; the image's own jax 0.11 + flax 0.12.10
+# are used, a carried flax 0.12.8 does not import on jax 0.11), then measures
 # training steps and inference at 224x224 for batch 64/128/256: JAX float32, bfloat16 and
 # int8 binary convs (all exact), PyTorch fp32 and bf16 autocast + channels_last. Each
 # configuration runs in its own process under a time cap, most important first, and the
@@ -39,7 +41,7 @@ run() {  # run <script> <label> <args...>
     echo "{\"bench\": \"$script\", \"label\": \"$label\", \"error\": true}" >> "$results"
   fi
 }
-for b in 128 64 256; do
+for b in ${BATCHES:-128 64 256}; do
   run train_step.py "train torch fp32 b$b" --framework torch --precision fp32 --batch $b
   run train_step.py "train torch bf16 b$b" --framework torch --precision bf16 --batch $b
   run train_step.py "train jax float32 b$b" --framework jax --precision float32 --batch $b

@@ -10,7 +10,9 @@ def get_config():
   c.model.stage = 2
   c.model.num_classes = 0  # 0: take it from the dataset
   c.model.overrides = ml_collections.ConfigDict()  # ModelSpec fields, e.g. channels
-  c.model.compute_dtype = "float32"  # "bfloat16": stage-2 binary convs in bf16 (exact)
+  # Operands of the stage-2 binary convs' forward, all exact: "auto" (int8 on CPU, float32
+  # on GPU: models.AUTO_COMPUTE_DTYPE), "float32", "int8" or "bfloat16".
+  c.model.compute_dtype = "auto"
 
   c.dataset = "imagenet2012"  # any TFDS name, "digits", or "folder:/path/to/images"
   c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)

@@ -24,19 +24,16 @@ ATOL = 1e-5
 
 def _randomise(model, seed=1):
   """Non-trivial BN statistics, thresholds and (BCDNet-B) dynamic weights, so every fold
-  and every dynamic term matters."""
-  state = nnx.state(model)
+  and every dynamic term matters (numpy on the host: no per-shape compilation)."""
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = []
-  for k, x in zip(keys, leaves):
-    if x.dtype == jnp.float32:
-      x = x + (0.3 if x.ndim == 1 else 0.05) * jax.random.normal(k, x.shape)
-    new.append(x)
-  nnx.update(model, jax.tree.unflatten(treedef, new))
+  new = [x + rng.normal(0, 0.3 if x.ndim == 1 else 0.05, x.shape).astype(np.float32)
+         if x.dtype == jnp.float32 else x for x in map(np.asarray, leaves)]
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
   for path, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):
     if path[-1] == "var":
-      v.set_value(jnp.abs(v.get_value()) + 0.5)
+      v.set_value(np.abs(np.asarray(v.get_value())) + 0.5)
   return model
 
 
@@ -98,9 +95,11 @@ def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
   ratio = fp32_bytes / report["file_bytes"]
   print(f"bcdnet_a artefact: {report['file_bytes']:,} bytes, {ratio:.2f}x smaller")
   assert ratio >= 18
-  expected = export.deploy_size_bytes(model.spec)
+  sizes = export.deploy_size_bytes(model.spec)
+  expected = sizes["float32"]
   assert report["binary_bytes"] == expected["binary_bytes"]
   assert report["real_bytes"] == expected["real_bytes"]
+  assert report["file_bytes"] == expected["file_bytes"]  # summary's figure is the file's
 
   f = export.load_packed(str(out))
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))
@@ -120,6 +119,7 @@ def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
   print(f"bcdnet_a fp16 artefact: {r16['file_bytes']:,} bytes, "
         f"{fp32_bytes / r16['file_bytes']:.2f}x smaller")
   assert fp32_bytes / r16["file_bytes"] >= 23
+  assert r16["file_bytes"] == sizes["float16"]["file_bytes"]
 
 
 @pytest.mark.parametrize("arch,overrides", [
@@ -135,7 +135,7 @@ def test_dynamic_thresholds_and_resnet18_blocks_export_exactly(arch, overrides, 
   export.export_model(model, out)
   x = jax.random.normal(jax.random.key(2), (3, 32, 32, 3))
   graphdef, state = nnx.split(model)
-  ref = np.asarray(nnx.merge(graphdef, state)(x))
+  ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
   y = np.asarray(export.load_packed(out)(x))  # default path: packed
   print(f"{arch} packed: max |diff| {np.abs(y - ref).max():.3g}")
   np.testing.assert_allclose(y, ref, atol=ATOL * max(1.0, float(np.abs(ref).max())), rtol=0)
@@ -186,8 +186,9 @@ def test_bad_artefacts_fail_clearly_and_nothing_is_overwritten(tmp_path):
     packed.write(str(bad), {k: v for k, v in header.items()
                             if k not in ("tensors", "data_bytes", "data_sha256")}, tensors)
     export.load_packed(str(bad))
-  header["program"][-1]["out"] = 5
-  with pytest.raises(export.ArtefactError, match="classes"):
+  header["program"][1]["out"] = 16
+  header["spec"]["num_classes"] = 5
+  with pytest.raises(export.ArtefactError, match="head has 3 classes, the spec says 5"):
     packed.validate(header, tensors)
 
   # Refuses to overwrite; the existing file is left as it was.

@@ -112,15 +112,15 @@ def test_stage1_checkpoint_loads_into_stage2(converted):
   assert m2.features[3].conv3x3.binary_weights and not m1.features[3].conv3x3.binary_weights
 
 
-def test_bfloat16_compute_reproduces_stage2_fixture(converted):
-  """bf16 ±1 products with float32 accumulation: still the authors' logits."""
+def test_int8_compute_reproduces_stage2_fixture(converted):
+  """int8 ±1 products with int32 accumulation (the CPU default): the authors' logits."""
   from conftest import tiny_spec
   _, sd = converted["a_3"]
-  model, _ = convert.from_torch_state_dict(sd, tiny_spec(2, compute_dtype="bfloat16"))
-  assert model.features[3].conv3x3.compute_dtype == "bfloat16"
+  model, _ = convert.from_torch_state_dict(sd, tiny_spec(2, compute_dtype="int8"))
+  assert model.features[3].conv3x3.compute_dtype == "int8"
   e = fixture_expected("a_3")
   model.eval()
   got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(nhwc(e["x96"]))))
   diff = np.abs(got - e["eval_logits_96"]).max()
-  print(f"a_3 bfloat16 eval_logits_96: max |diff| {diff:.3g}")
+  print(f"a_3 int8 eval_logits_96: max |diff| {diff:.3g}")
   assert diff < LOGIT_ATOL

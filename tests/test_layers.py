@@ -117,14 +117,15 @@ def test_binary_conv_same_parameter_in_both_stages():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_binary_conv_equals_float32_forward_and_gradients():
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_low_precision_binary_conv_equals_float32_forward_and_gradients(dtype):
   rng = np.random.default_rng(3)
   x = jnp.sign(jnp.asarray(rng.normal(size=(2, 6, 6, 8)), jnp.float32))
   x = x.at[0, 0, 0, 0].set(0.0)  # sign(0) = 0 activations too
   conv = layers.BinaryConv(8, 16, 3, 1, 1, binary_weights=True, rngs=nnx.Rngs(0))
   conv.kernel[...] = jnp.asarray(rng.normal(0, 0.7, (3, 3, 8, 16)), jnp.float32)
   low = nnx.clone(conv)
-  low.compute_dtype = "bfloat16"
+  low.compute_dtype = dtype
   probe = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
 
   def run(c):
@@ -133,7 +134,29 @@ def test_bfloat16_binary_conv_equals_float32_forward_and_gradients():
 
   y32, g32 = run(conv)
   y16, g16 = run(low)
+  assert jnp.dtype(y16.dtype) == jnp.float32
   # the ±1 sums are exact integers in both; only the final scaling may round differently
   np.testing.assert_allclose(y16, y32, rtol=1e-6, atol=1e-6)
   for a, b in zip(g16, g32):
     np.testing.assert_array_equal(a, b)  # backward is the float32 one
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+def test_conv2d_gradients_equal_xla_native(k, stride, padding):
+  """conv2d's custom backward (weight gradient as shifted matrix products) is the exact
+  gradient: equal to autodiff of XLA's convolution up to summation order."""
+  rng = np.random.default_rng(k + stride)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  native = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = native(x, w)
+  probe = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  want = jax.grad(lambda x, w: jnp.sum(native(x, w) * probe), argnums=(0, 1))(x, w)
+  got = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, stride, padding) * probe),
+                 argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(np.asarray(layers.conv2d(x, w, stride, padding)),
+                             np.asarray(y), rtol=0, atol=0)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)

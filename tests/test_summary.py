@@ -24,6 +24,10 @@ def test_bcdnet_a_operation_counts(bcdnet_a):
   assert abs(r["ops"] - 0.872e8) / 0.872e8 < 1e-3 and round(r["ops"] / 1e8, 2) == 0.87
   assert abs(r["size_bytes_fp32"] / 1e6 - 184.7) < 0.05
   assert r["size_bytes_packed"] < r["size_bytes_fp32"] / 12
+  # the deploy artefact (test_export checks these equal the written files' sizes)
+  assert r["deploy_compression_fp32"] >= 18 and r["deploy_compression_fp16"] >= 23
+  print(f"deploy artefact: {r['deploy_bytes_fp32']:,} B ({r['deploy_compression_fp32']:.2f}x)"
+        f", fp16 {r['deploy_bytes_fp16']:,} B ({r['deploy_compression_fp16']:.2f}x)")
 
 
 def test_reactnet_a_same_bops(bcdnet_a):
