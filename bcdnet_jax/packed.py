@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import struct
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -59,8 +59,12 @@ def result(times: list[float], images_per_call: int, **extra) -> dict:
   return out
 
 
-def emit(obj: dict) -> None:
-  print(json.dumps(obj), flush=True)
+def emit(res: dict, *, human: bool = False) -> None:
+  """A readable line first when asked, then the JSON object as the last line."""
+  if human:
+    print(f"{res['framework']} {res['path']}: {res['images_per_s']} images/s, median "
+          f"{res['step_time_s_median']} s per batch, peak RSS {res['peak_rss_mb']} MB")
+  print(json.dumps(res), flush=True)
 
 
 def run_configs(script: str, configs: list[tuple[str, list[str]]], common: list[str],

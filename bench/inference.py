@@ -168,15 +168,12 @@ def main(argv=None):
     res = fastest(a)
   else:
     if a.framework == "torch" and a.path == "fastest":
-      a.path = "bf16"
+      a.path = "fp32"  # as released; bf16 autocast is the other (--compare runs both)
     common.set_threads(a.threads)
     times, extra = (jax_infer if a.framework == "jax" else torch_infer)(a)
     res = common.result(times, a.batch, arch=a.arch, batch=a.batch,
                         image_size=a.image_size, **extra)
-  if not a.json:
-    print(f"{res['framework']} {res['path']}: {res['images_per_s']} images/s, "
-          f"peak RSS {res['peak_rss_mb']} MB")
-  common.emit(res)
+  common.emit(res, human=not a.json)
 
 
 if __name__ == "__main__":

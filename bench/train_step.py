@@ -169,10 +169,7 @@ def main(argv=None):
   times, extra = (jax_step if a.framework == "jax" else torch_step)(a)
   res = common.result(times, a.batch, arch=a.arch, stage=a.stage, batch=a.batch,
                       image_size=a.image_size, teacher=a.teacher, **extra)
-  if not a.json:
-    print(f"{extra['framework']} {extra['path']}: {res['images_per_s']} images/s, "
-          f"median step {res['step_time_s_median']} s, peak RSS {res['peak_rss_mb']} MB")
-  common.emit(res)
+  common.emit(res, human=not a.json)
 
 
 if __name__ == "__main__":
