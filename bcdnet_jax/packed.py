@@ -14,7 +14,7 @@ real-valued stem and one classifier head (the mean of the two). Three paths comp
 - 'float': ±1/0 as float32 (the reference the other two must equal).
 
 D is an exact integer on every path, so the paths differ only by float rounding in the
-real-valued parts, which they share. Needs only numpy and JAX; no pickle, no torch.
+real-valued parts, which they share. No pickle, no torch: numpy, JAX and this package.
 
 File layout: b"BCDNETJX", uint32 format version, uint32 header length, the JSON header
 (spec, program, tensor table, sha256 of the data), zero padding to 64 bytes, the data.
@@ -31,6 +31,9 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
+from bcdnet_jax.layers import group_shift, long_range_shifts
 
 MAGIC = b"BCDNETJX"
 VERSION = 1
@@ -166,22 +169,6 @@ def _max_pool_3x3(x):
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def _group_shift(x, sh: int, sw: int):
-  # Same as layers.group_shift (torch.roll of four channel groups), kept here so the
-  # runtime needs nothing but JAX.
-  g0, g1, g2, g3 = jnp.split(x, 4, axis=-1)
-  return jnp.concatenate([jnp.roll(g0, sh, axis=1), jnp.roll(g1, -sh, axis=1),
-                          jnp.roll(g2, sw, axis=2), jnp.roll(g3, -sw, axis=2)], axis=-1)
-
-
-def _long_range(mode, h: int, w: int):
-  if mode == "released":
-    return 3, 3
-  if mode == "paper":
-    return h // 2, w // 2
-  return int(mode), int(mode)
-
-
 def forward(program: list[dict], t: dict, x, path: str, relu: bool = False):
   """Logits of the program on normalised NHWC float32 images `x`."""
   for op in program:
@@ -201,10 +188,10 @@ def forward(program: list[dict], t: dict, x, path: str, relu: bool = False):
                                           if op["doubles"] else h))
     elif kind == "lsr":
       s, beta = _binarize(t, n + ".act", x, relu)
-      lh, lw = _long_range(op["shift_mode"], x.shape[1], x.shape[2])
+      lh, lw = long_range_shifts(op["shift_mode"], x.shape[1], x.shape[2])
       y = (_dot(t, n + ".token_mlp", s, path)
-           + _dot(t, n + ".short_mlp", _group_shift(s, 1, 1), path)
-           + _dot(t, n + ".long_mlp", _group_shift(s, lh, lw), path))
+           + _dot(t, n + ".short_mlp", group_shift(s, 1, 1), path)
+           + _dot(t, n + ".long_mlp", group_shift(s, lh, lw), path))
       x = _rprelu(t, n + ".rprelu", y + t[n + ".c"] + beta + x)
     elif kind == "pw":
       s, beta = _binarize(t, n + ".act", x, relu)
