@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
+from bcdnet_jax.layers import conv as _conv
 from bcdnet_jax.layers import group_shift, long_range_shifts
 
 MAGIC = b"BCDNETJX"
@@ -118,12 +119,6 @@ def signs_from_bits(wbits, wmask, ksize: int, in_features: int, dtype):
   if wmask is not None:
     s = jnp.where(unpack_bits(wmask.reshape(o, ksize, ksize, w), in_features), s, 0)
   return jnp.transpose(s, (1, 2, 3, 0)).astype(dtype)
-
-
-def _conv(x, kernel, stride, padding, acc=None):
-  return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc)
 
 
 # --- the forward program ---------------------------------------------------------------------
