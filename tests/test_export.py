@@ -131,14 +131,22 @@ def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
 def test_dynamic_thresholds_and_resnet18_blocks_export_exactly(arch, overrides, tmp_path):
   model = _randomise(models.create_model(arch, stage=2, num_classes=7, **overrides))
   model.eval()
+  # Exact zero weights (sign 0) in a 3x3 and a token-wise conv: the packed path's
+  # zero-weight correction must reproduce them.
+  for conv in (model.features[1].conv3x3, model.mlp[0][0].token_mlp):
+    k = np.array(conv.kernel[...])
+    k.reshape(-1)[::7] = 0.0
+    conv.kernel[...] = k
   out = str(tmp_path / "m.bcdnet")
   export.export_model(model, out)
   x = jax.random.normal(jax.random.key(2), (3, 32, 32, 3))
   graphdef, state = nnx.split(model)
   ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
-  y = np.asarray(export.load_packed(out)(x))  # default path: packed
+  f = export.load_packed(out)
+  y = np.asarray(f(x))  # default path: packed
   print(f"{arch} packed: max |diff| {np.abs(y - ref).max():.3g}")
   np.testing.assert_allclose(y, ref, atol=ATOL * max(1.0, float(np.abs(ref).max())), rtol=0)
+  np.testing.assert_array_equal(y, np.asarray(f(x, path="int8")))  # same integers
 
 
 def _small_artefact(tmp_path):
