@@ -44,7 +44,8 @@ def parse(argv=None):
   return p.parse_args(argv)
 
 
-def jax_step(a):
+def jax_setup(a):
+  """The jitted JAX training step, its state holder, batch and teacher state, and spec."""
   import jax
   import numpy as np
   from flax import nnx
@@ -64,7 +65,7 @@ def jax_step(a):
     teacher.eval()
     teacher_def, teacher_state = nnx.split(teacher)
   step_fn, _ = train.make_steps(train_def, eval_def, tx, cfg, teacher_def)
-  step = jax.jit(step_fn, donate_argnums=0)
+  step = jax.jit(step_fn, donate_argnums=0, compiler_options=train.compiler_options())
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jax.numpy.zeros((), jax.numpy.int32)}
   rng = np.random.default_rng(0)
@@ -77,6 +78,15 @@ def jax_step(a):
     holder[0], metrics = step(holder[0], batch, teacher_state)
     jax.block_until_ready(metrics["loss"])
 
+  return run, step, holder, batch, teacher_state, spec
+
+
+def jax_step(a):
+  import jax
+
+  from bcdnet_jax import models
+
+  run, _, _, _, _, spec = jax_setup(a)
   times = common.time_calls(run, warmup=a.warmup, repeats=a.repeats, min_time_s=a.min_time_s)
   extra = {"framework": "jax", "path": models.resolve_compute_dtype(spec.compute_dtype),
            "device": str(jax.devices()[0].device_kind)}

@@ -162,3 +162,26 @@ def test_conv2d_gradients_equal_xla_native(k, stride, padding):
                              np.asarray(y), rtol=1e-6, atol=1e-5)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_closed_form_backward_equals_autodiff():
+  """batch_norm_train's hand-written backward is the gradient of its forward formula."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(1.0, 2.0, size=(3, 4, 5, 6)), jnp.float32)
+  scale = jnp.asarray(rng.normal(size=6), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=6), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def reference(x, scale, bias):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias
+
+  y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(reference(x, scale, bias)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(var), np.asarray(x).var(axis=(0, 1, 2)), rtol=1e-5)
+  want = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=(0, 1, 2))(x, scale, bias)
+  got = jax.grad(lambda *a: jnp.sum(layers.batch_norm_train(*a, 1e-5)[0] * probe),
+                 argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
