@@ -166,17 +166,18 @@ def conv(x, kernel, stride: int, padding: int, acc=None):
 def conv_input_grad(g, kernel, in_shape, stride: int, padding: int):
   """dL/dx of `conv` for the output gradient g (the transposed convolution).
 
-  1x1: g W^T as one matrix product (no kernel transpose). Strided k x k: one product
-  g W^T giving every tap's contribution, placed at stride with interior-padded adds;
-  XLA's own transposed conv dilates g with zeros and runs 1.4-2x slower there. Unit
-  stride keeps XLA's transposed conv, which was the fastest measured.
+  1x1: g W^T as one matrix product (no kernel transpose). Strided k x k on CPU: one
+  product g W^T giving every tap's contribution, placed at stride with interior-padded
+  adds; XLA:CPU's own transposed conv dilates g with zeros and ran 1.4-2x slower there.
+  Unit stride, and strided convs on accelerators, keep XLA's transposed conv.
   """
   k = kernel.shape[0]
   n, ho, wo, o = g.shape
   _, h, w, c = in_shape
   zero = jnp.zeros((), g.dtype)
-  if stride == 1 and not _pointwise(kernel, padding):
-    _, vjp = jax.vjp(lambda x: conv(x, kernel, 1, padding), jnp.zeros(in_shape, g.dtype))
+  if not _pointwise(kernel, padding) and (stride == 1 or jax.default_backend() != "cpu"):
+    _, vjp = jax.vjp(lambda x: conv(x, kernel, stride, padding),
+                     jnp.zeros(in_shape, g.dtype))
     return vjp(g)[0]
   taps = jax.lax.dot_general(g.reshape(-1, o), kernel.reshape(-1, o),
                              (((1,), (1,)), ((), ())), preferred_element_type=g.dtype)
