@@ -42,8 +42,7 @@ def load_images(paths: list[str], image_size: int, crop_ratio: float) -> np.ndar
     except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
       raise PredictError(f"{path}: cannot read the image file ({e.message})") from None
     try:
-      image = data.preprocess_eval(raw, image_size=image_size, jpeg=False,
-                                   crop_ratio=crop_ratio)
+      image = data.preprocess_eval(raw, image_size=image_size, crop_ratio=crop_ratio)
     except (tf.errors.InvalidArgumentError, ValueError) as e:
       msg = getattr(e, "message", str(e)).splitlines()[0]
       raise PredictError(f"{path}: not a decodable image (JPEG, PNG, GIF or BMP): "

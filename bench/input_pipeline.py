@@ -47,10 +47,10 @@ def measure(jpegs: list[bytes], mode: str, threads: int, batch: int, image_size:
   if mode == "train":
     ds = ds.enumerate().map(
         lambda i, b: data.preprocess_train(b, tf.stack([i, tf.constant(0, tf.int64)]),
-                                           image_size=image_size, jpeg=True),
+                                           image_size=image_size),
         num_parallel_calls=threads, deterministic=False)
   else:
-    ds = ds.map(lambda b: data.preprocess_eval(b, image_size=image_size, jpeg=True),
+    ds = ds.map(lambda b: data.preprocess_eval(b, image_size=image_size),
                 num_parallel_calls=threads, deterministic=False)
   ds = ds.batch(batch, drop_remainder=True).prefetch(2)
   opts = tf.data.Options()
