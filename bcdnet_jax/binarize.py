@@ -7,6 +7,7 @@ gradient is the documented surrogate and not whatever autodiff of a formula give
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
@@ -106,3 +107,29 @@ def _binarize_weight_bwd(w, g):
 
 
 binarize_weight.defvjp(_binarize_weight_fwd, _binarize_weight_bwd)
+
+
+# --- observing binary activations -------------------------------------------------------------
+
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_sign_inputs():
+  """Collects the input of every binary activation's sign computed while active.
+
+  Used to count the binary activations that flip between two precisions of the same
+  model (`convert.self_check`); under `jit` the list holds tracers, to be returned.
+  """
+  rec: list = []
+  _RECORDERS.append(rec)
+  try:
+    yield rec
+  finally:
+    _RECORDERS.remove(rec)
+
+
+def observe_sign_input(x):
+  for rec in _RECORDERS:
+    rec.append(x)
+  return x

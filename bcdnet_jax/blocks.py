@@ -63,9 +63,9 @@ class BinaryActivation(nnx.Module):
   def __call__(self, x):
     sign = binarize.get_sign(self.sign)
     if self.dynamic is None:
-      return sign(self.bias(x)), 0.0
+      return sign(binarize.observe_sign_input(self.bias(x))), 0.0
     alpha, beta = self.dynamic(x)
-    return sign(self.bias(x) + alpha), beta
+    return sign(binarize.observe_sign_input(self.bias(x) + alpha)), beta
 
 
 class BasicBlock(nnx.Module):

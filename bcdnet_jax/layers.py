@@ -89,7 +89,8 @@ class BatchNorm(nnx.Module):
     if self.use_running_average:
       inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
       return ((x - self.mean[...]) * inv + self.bias[...]).astype(x.dtype)
-    y, mean, var = batch_norm_train(x.astype(jnp.float32), self.scale[...], self.bias[...],
+    y, mean, var = batch_norm_train(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                                    self.scale[...], self.bias[...],
                                     self.eps)
     n = x.size // x.shape[-1]
     unbiased = var * (n / max(n - 1, 1))

@@ -343,6 +343,19 @@ def abstract_model(spec: ModelSpec) -> nnx.Module:
   return nnx.eval_shape(lambda: _construct(spec, 0))
 
 
+def cast_floating(model: nnx.Module, dtype) -> nnx.Module:
+  """A copy of `model` whose floating parameters and statistics are `dtype`.
+
+  For float64 (the precision in which two implementations of a binary network can be
+  compared without sign flips) call it inside `jax.enable_x64(True)`; the model then
+  computes in float64 throughout (tested against the torch reference in float64).
+  """
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+  return nnx.merge(graphdef, state)
+
+
 def count_params(model: nnx.Module) -> int:
   """Number of trainable parameters (BN running statistics excluded)."""
   state = nnx.state(model, nnx.Param)

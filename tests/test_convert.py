@@ -11,7 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from bcdnet_jax import checkpoint, convert, models, torch_ref  # noqa: E402
-from conftest import TINY_CHANNELS, fixture_ckpt, fixture_expected, nhwc, tiny_spec  # noqa: E402
+from conftest import STAGES, TINY_CHANNELS, fixture_ckpt, fixture_expected, nhwc, tiny_spec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OVERRIDE = "channels=" + str(TINY_CHANNELS).replace(" ", "")
@@ -201,6 +201,67 @@ def test_self_check_catches_a_wrong_model(converted, tmp_path):
   assert np.abs(got - expected).max() > 1e-3  # 160 -> 5x5 tokens: shifts 3 vs 2 differ
 
 
+def _swap(sd, a, b):
+  sd = dict(sd)
+  sd[a], sd[b] = sd[b], sd[a]
+  return sd
+
+
+WRONG_MAPPINGS = {
+    # two tensors of equal shape exchanged
+    "swapped": lambda sd: _swap(sd, "feature.3.bn1.weight", "feature.3.bn2.weight"),
+    # a square 1x1 kernel transposed (in and out channels exchanged)
+    "transposed": lambda sd: {**sd, "feature.3.binary_pw.weight":
+                              sd["feature.3.binary_pw.weight"].transpose(1, 0, 2, 3).copy()},
+}
+
+
+@pytest.mark.parametrize("stage_name", ["a_3", "a_3f"])
+def test_float64_self_check_passes_and_wrong_mappings_fail(converted, stage_name):
+  _, sd = converted[stage_name]
+  spec = tiny_spec(STAGES[stage_name])
+  model, _ = convert.from_torch_state_dict(sd, spec)
+  chk = convert.self_check(model, sd, image_size=64)
+  print(f"\n{stage_name}: float64 rel diff {chk['float64_rel_diff']:.2g}, float32 "
+        f"{chk['max_abs_logit_diff']:.2g}, flipped {chk['flipped_binary_activations']} of "
+        f"{chk['binary_activations']}")
+  assert chk["float64_rel_diff"] < 1e-12 and chk["binary_activations"] > 0
+  for name, corrupt in WRONG_MAPPINGS.items():
+    wrong, _ = convert.from_torch_state_dict(corrupt(sd), spec)
+    bad = convert.self_check(wrong, sd, image_size=64)
+    print(f"  {name}: float64 rel diff {bad['float64_rel_diff']:.2g}")
+    assert bad["float64_rel_diff"] > 1e-6, name
+  wrong, _ = convert.from_torch_state_dict(sd, spec)
+  wrong.set_attributes(eps=1e-3, raise_if_not_found=False)  # BN epsilon 1e-3, not 1e-5
+  bad = convert.self_check(wrong, sd, image_size=64)
+  print(f"  bn epsilon: float64 rel diff {bad['float64_rel_diff']:.2g}")
+  assert bad["float64_rel_diff"] > 1e-6
+
+
+def test_wrong_mapping_refused_by_the_converter(converted):
+  """A mapping bug (simulated: two tensors swapped in our model only) stops conversion."""
+  _, sd = converted["a_3"]
+  model, _ = convert.from_torch_state_dict(WRONG_MAPPINGS["swapped"](sd), tiny_spec(2))
+  with pytest.raises(convert.ConversionError, match="in float64 the logits differ"):
+    convert.check_or_raise(convert.self_check(model, sd, image_size=64), 1e-6)
+
+
+@pytest.mark.parametrize("stage,seed", [(1, 0), (2, 1)])
+def test_full_width_released_checkpoints_convert_with_default_flags(tmp_path, stage, seed):
+  """Random full-width checkpoints in the released layout: float32 comparisons differ
+  (binary activations flip), the float64 check passes."""
+  from helpers.released import random_released_checkpoint
+  path = str(tmp_path / f"bcdnet_a_{stage}.pth.tar")
+  random_released_checkpoint(models.get_spec("bcdnet_a", stage=stage), path, seed)
+  report = convert.convert_file(path, "bcdnet_a", stage, str(tmp_path / "out"))
+  chk = report["self_check"]
+  print(f"\nstage {stage} seed {seed}: float64 rel {chk['float64_rel_diff']:.2g}, float32 "
+        f"{chk['max_abs_logit_diff']:.3g} (max |logit| {chk['max_abs_logit']:.3g}), flipped "
+        f"{chk['flipped_binary_activations']:,} of {chk['binary_activations']:,}")
+  assert chk["status"] == "ran" and chk["float64_rel_diff"] < 1e-12
+  assert report["tensors_mapped"] == 378 and os.path.isdir(report["out"])
+
+
 def test_resnet50_from_torchvision_layout(tmp_path):
   """A torchvision-layout ResNet-50 state dict converts and computes the same logits."""
   spec = models.get_spec("resnet50", num_classes=5, channels=[4, 8, 16, 32],
@@ -224,7 +285,7 @@ def test_resnet50_from_torchvision_layout(tmp_path):
                                                blocks_per_stage=[1, 2, 1, 1]),
                                 check_image_size=64)
   assert report["self_check"]["status"] == "ran"
-  assert report["self_check"]["max_abs_logit_diff"] < 1e-4
+  assert report["self_check"]["float64_rel_diff"] < 1e-12
   assert report["tensors_mapped"] == len(keys)
   teacher = checkpoint.restore_model(str(tmp_path / "teacher"))
   assert isinstance(teacher, models.ResNet50)
