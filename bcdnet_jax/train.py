@@ -9,6 +9,7 @@ is configured.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -152,11 +153,14 @@ def make_steps(train_graphdef, eval_graphdef, tx, config, teacher_graphdef=None)
   def eval_step(state, batch):
     model = nnx.merge(eval_graphdef, state["params"], state["batch_stats"], copy=True)
     logits = model(batch["image"])
-    labels, mask = batch["label"], batch["mask"]
-    k = min(5, logits.shape[-1])
-    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-    return {"top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-            "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}, jnp.argmax(logits, -1)
+    labels, mask = batch["labels"], batch["mask"]  # multi-hot label sets
+    scored = mask * (jnp.sum(labels, -1) > 0)  # ReaL: images without labels excluded
+    pred = jnp.argmax(logits, -1)
+    top1 = jnp.take_along_axis(labels, pred[:, None], -1)[:, 0]
+    top5 = jnp.max(jnp.take_along_axis(
+        labels, jax.lax.top_k(logits, min(5, logits.shape[-1]))[1], -1), -1)
+    return {"top1": jnp.sum(top1 * scored), "top5": jnp.sum(top5 * scored),
+            "count": jnp.sum(mask), "scored": jnp.sum(scored)}, pred
 
   return train_step, eval_step
 
@@ -233,7 +237,8 @@ def _data_config(config) -> data.DataConfig:
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
       color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
       random_flip=config.random_flip, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed, sharding=config.get("data_sharding", "global_stream"))
+      exact_resize_train=config.get("exact_resize_train", False), seed=config.seed,
+      sharding=config.get("data_sharding", "global_stream"))
 
 
 def _write_json(path, obj):
@@ -473,7 +478,7 @@ def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
   ds, num_batches, total = data.eval_dataset(builder, dcfg, local, eval_batch_size,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())
-  sums = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  sums = {"top1": 0.0, "top5": 0.0, "count": 0.0, "scored": 0.0}
   preds = []
   for host_batch in ds.as_numpy_iterator():
     out, pred = p_eval(state, global_batch(host_batch))
@@ -487,16 +492,28 @@ def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
   if int(round(sums["count"])) != total:
     raise RuntimeError(f"evaluation counted {sums['count']:.0f} examples, the split has "
                        f"{total}")
-  result = {"top1": sums["top1"] / total, "top5": sums["top5"] / total,
-            "num_eval_examples": total}
+  scored = int(round(sums["scored"]))
+  result = {"top1": sums["top1"] / max(scored, 1), "top5": sums["top5"] / max(scored, 1),
+            "num_eval_examples": scored, "num_images": total}
   if return_predictions:
     result["predictions"] = np.concatenate(preds)
   return result
 
 
+def eval_entries(config) -> list[tuple[str, str]]:
+  """(TFDS name, split) of each set to evaluate: `config.eval_datasets` (comma-separated
+  'name[:split]'), else `config.dataset` on `config.eval_split`."""
+  from bcdnet_jax import data
+  listed = [e for e in str(config.get("eval_datasets", "") or "").split(",") if e.strip()]
+  if not listed:
+    return [(config.dataset, config.eval_split)]
+  return [data.parse_eval_dataset(e, config.eval_split) for e in listed]
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              return_predictions: bool = False) -> dict:
-  """Evaluates `config.checkpoint` (a model directory or training workdir) on eval_split."""
+  """Evaluates `config.checkpoint` (a model directory or training workdir) on each set of
+  `eval_entries(config)`; the first set's numbers are also the top-level ones."""
   from bcdnet_jax import data
   start = time.time()
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -507,11 +524,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
                       f"and divisible by the {mesh.size} devices")
   model = checkpoint.restore_model(config.checkpoint)
-  builder = data.get_builder(config.dataset, config.data_dir or None)
-  n = data.num_classes(builder)
-  if model.spec.num_classes != n:
-    raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} classes, "
-                      f"dataset {config.dataset!r} has {n}")
+  entries = eval_entries(config)
+  builders = [data.get_builder(name, config.data_dir or None) for name, _ in entries]
+  for (name, split), builder in zip(entries, builders):  # all checked before any work
+    n = data.num_classes(builder)
+    if model.spec.num_classes != n:
+      raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} "
+                        f"classes, dataset {name!r} has {n}")
+    data.split_size(builder, split)
   _, eval_def, params, batch_stats = split_model(model)
   repl = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -524,17 +544,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
                         host_batch)
 
-  result = run_evaluation(p_eval, state, builder, _data_config(config),
-                          config.eval_batch_size, global_batch, return_predictions)
+  per_set = {}
+  for (name, split), builder in zip(entries, builders):
+    dcfg = dataclasses.replace(_data_config(config), dataset=name, eval_split=split)
+    r = run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size, global_batch,
+                       return_predictions)
+    per_set[f"{name}:{split}"] = r
+    if jax.process_index() == 0:
+      log.info("%s:%s: top-1 %.4f top-5 %.4f on %d examples", name, split, r["top1"],
+               r["top5"], r["num_eval_examples"])
+  result = dict(next(iter(per_set.values())))
   result.update(steps=0, wall_time_s=time.time() - start, checkpoint=config.checkpoint,
-                dataset=config.dataset, eval_split=config.eval_split)
+                dataset=entries[0][0], eval_split=entries[0][1],
+                datasets={k: {f: v[f] for f in ("top1", "top5", "num_eval_examples",
+                                                 "num_images")}
+                          for k, v in per_set.items()})
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     _write_json(os.path.join(workdir, "results.json"),
                 {k: v for k, v in result.items() if k != "predictions"})
-    log.info("eval of %s: top-1 %.4f top-5 %.4f on %d examples", config.checkpoint,
-             result["top1"], result["top5"], result["num_eval_examples"])
   return result
 
 

@@ -228,7 +228,7 @@ def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir
   for batch in ds.as_numpy_iterator():
     m = batch["mask"].astype(bool)
     preds.append(np.asarray(fwd(model, jnp.asarray(batch["image"]))).argmax(-1)[m])
-    labels.append(batch["label"][m])
+    labels.append(batch["labels"][m].argmax(-1))
   preds, labels = np.concatenate(preds), np.concatenate(labels)
   assert len(preds) == total == res["num_eval_examples"]
   np.testing.assert_array_equal(res["predictions"], preds)
@@ -260,3 +260,104 @@ def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
   bdir = checkpoint.save_model(bad, str(tmp_path / "bad_teacher"))
   with pytest.raises(train.ConfigError, match="teacher has 7 classes"):
     train.train_and_evaluate(small_config(digits_dir, teacher_dir=bdir), str(tmp_path / "x"))
+
+
+# --- the ImageNet test sets, as tiny builders of the same feature layout ---------------------
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+
+def _tiny_images(n, seed):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (40, 48, 3)).astype(np.uint8) for _ in range(n)]
+
+
+class TinyImagenetV2(tfds.core.GeneratorBasedBuilder):
+  """imagenet_v2's layout (image, label, file_name; split 'test'), 10 classes."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=10),
+        "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"test": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, img in enumerate(_tiny_images(23, 0)):
+      yield i, {"image": img, "label": i % 10, "file_name": f"{i}.jpeg"}
+
+
+REAL_SETS = [[3], [], [1, 4], [7], [], [0, 2, 9], [5], [6, 8]]
+
+
+class TinyImagenet2012Real(tfds.core.GeneratorBasedBuilder):
+  """imagenet2012_real's layout: original_label, real_label (a set, maybe empty)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "original_label": tfds.features.ClassLabel(num_classes=10),
+        "real_label": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=10)),
+        "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"validation": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, img in enumerate(_tiny_images(21, 1)):
+      labels = REAL_SETS[i % len(REAL_SETS)]
+      yield i, {"image": img, "original_label": labels[0] if labels else 0,
+                "real_label": labels, "file_name": f"{i}.jpeg"}
+
+
+def test_eval_on_imagenet_v2_and_real_layouts(tmp_path, digits_dir):
+  for cls in (TinyImagenetV2, TinyImagenet2012Real):
+    cls(data_dir=digits_dir).download_and_prepare()
+  model = models.create_model("bcdnet_a", stage=2, num_classes=10, seed=3,
+                              channels=[4, 8, 16, 16, 32, 32, 64, 64, 64, 64, 128])
+  out = checkpoint.save_model(model, str(tmp_path / "m"))
+  c = small_config(digits_dir, mode="eval", checkpoint=out, image_size=32, eval_batch_size=8,
+                   eval_crop_ratio=0.875)
+  c.eval_datasets = "tiny_imagenet_v2:test,tiny_imagenet2012_real:validation"
+  res = train.evaluate(c, str(tmp_path / "ev"))
+  sets = res["datasets"]
+  assert list(sets) == ["tiny_imagenet_v2:test", "tiny_imagenet2012_real:validation"]
+  # by hand: the model on the same preprocessing, ReaL = prediction in the label set
+  model.eval()
+  fwd = nnx.jit(lambda m, x: m(x))
+  for name, key in (("tiny_imagenet_v2", "label"), ("tiny_imagenet2012_real", "real_label")):
+    b = data.get_builder(name, digits_dir)
+    hits1, hits5, n = 0, 0, 0
+    for ex in b.as_dataset(split=list(b.info.splits)[0],
+                           decoders={"image": tfds.decode.SkipDecoding()}):
+      x = data.preprocess_eval(ex["image"], image_size=32, crop_ratio=0.875).numpy()
+      logits = np.asarray(fwd(model, jnp.asarray(x[None])))[0]
+      truth = set(np.atleast_1d(ex[key].numpy()).tolist())
+      if not truth:
+        continue  # ReaL: images without labels do not count
+      n += 1
+      hits1 += int(logits.argmax()) in truth
+      hits5 += bool(truth & set(np.argsort(-logits)[:5].tolist()))
+    got = sets[f"{name}:{'test' if key == 'label' else 'validation'}"]
+    assert got["num_eval_examples"] == n and math.isclose(got["top1"], hits1 / n)
+    assert math.isclose(got["top5"], hits5 / n)
+  assert sets["tiny_imagenet2012_real:validation"]["num_images"] == 21
+  assert sets["tiny_imagenet2012_real:validation"]["num_eval_examples"] == 21 - 6  # 6 empty
+  written = json.load(open(tmp_path / "ev" / "results.json"))
+  assert written["datasets"] == sets and written["top1"] == sets["tiny_imagenet_v2:test"]["top1"]
+
+
+def test_eval_dataset_names_and_missing_real_hint():
+  assert data.parse_eval_dataset("imagenet_v2", "validation") == (
+      "imagenet_v2/matched-frequency", "test")
+  assert data.parse_eval_dataset("imagenet_v2/topimages", "x") == ("imagenet_v2/topimages",
+                                                                   "test")
+  assert data.parse_eval_dataset("imagenet2012_real", "x") == ("imagenet2012_real",
+                                                               "validation")
+  assert data.parse_eval_dataset("digits:test", "x") == ("digits", "test")
+  with pytest.raises(data.DataError, match="ILSVRC2012_img_val.tar in"):
+    data.get_builder("imagenet2012_real", "/nonexistent/tfds")
