@@ -2,12 +2,15 @@
 
 Several processes (one per GPU) run the same command: under `srun` nothing more is needed;
 elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+Known mistakes (config, data, checkpoints) end with one line `error: ...` and exit code 2.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcdnet_jax import distributed, train
+from bcdnet_jax import distributed, errors, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -26,15 +29,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   train.setup_logging()
-  distributed.initialize(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-      [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None,
-      heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
-  if FLAGS.config.mode == "eval":
-    train.evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with errors.one_line():
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None,
+        heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+    train.run(FLAGS.config, FLAGS.workdir, cli_overrides=errors.config_overrides(sys.argv))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,13 +1,16 @@
 """Orbax checkpoints of a model's state with its architecture recorded beside the weights.
 
 A model directory holds `model.json` (the `ModelSpec`, so no flags are needed to rebuild
-it) and `state/` (an Orbax checkpoint of `nnx.state(model)`: parameters and BN
-statistics). It is written into a temporary sibling and renamed into place, so a killed
-write never leaves a half-written directory and an existing one is never overwritten.
+it; the evaluation preprocessing; the sha256 of every file of the state) and `state/`
+(an Orbax checkpoint of `nnx.state(model)`: parameters and BN statistics). It is written
+into a temporary sibling and renamed into place, so a killed write never leaves a
+half-written directory and an existing one is never overwritten. Restoring verifies the
+checksums and that every value is finite, naming the damaged file or tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bcdnet_jax import models
+from bcdnet_jax import errors, models, preprocessing
 
 SPEC_FILE = "model.json"
 STATE_DIR = "state"
@@ -26,25 +29,75 @@ TRAIN_CHECKPOINTS = "checkpoints"  # a training workdir's Orbax CheckpointManage
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A model directory that cannot be written or read; the message says why."""
 
 
-def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None) -> str:
-  """Writes `model` to the new directory `directory` (which must not exist or be empty)."""
+def file_digests(root: str) -> dict[str, str]:
+  """sha256 of every file under `root`, keyed by the path relative to it."""
+  out = {}
+  for d, _, files in sorted(os.walk(root)):
+    for name in sorted(files):
+      path = os.path.join(d, name)
+      out[os.path.relpath(path, root)] = file_digests_one(path)
+  return out
+
+
+def verify_digests(root: str, expected: dict[str, str]) -> None:
+  """Raises CheckpointError naming the first file under `root` that is missing or whose
+  content changed since `expected` was taken."""
+  for rel, digest in sorted(expected.items()):
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    if file_digests_one(path) != digest:
+      raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one recorded "
+                            "when it was written)")
+
+
+def file_digests_one(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def check_finite(tree, where: str) -> None:
+  """Raises CheckpointError naming the first tensor of `tree` with a NaN or infinity."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(leaf)
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+      bad = int(np.sum(~np.isfinite(x)))
+      raise CheckpointError(f"{where}: tensor {jax.tree_util.keystr(path)} has {bad} "
+                            f"non-finite value(s) (NaN or infinity)")
+
+
+def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None,
+               preprocess: dict | None = None) -> str:
+  """Writes `model` to the new directory `directory` (which must not exist or be empty).
+
+  `preprocess` is the evaluation preprocessing the model expects (`preprocessing.record`;
+  ImageNet's 224 / 0.875 by default).
+  """
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise CheckpointError(f"{directory}: already exists and is not an empty directory; "
                           "refusing to overwrite it")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
+  state = nnx.to_pure_dict(nnx.state(model))
+  check_finite(state, f"{directory}: refusing to save")
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
   try:
-    state = nnx.to_pure_dict(nnx.state(model))
+    os.chmod(tmp, 0o777 & ~errors.current_umask())  # mkdtemp makes 0700: honour the umask
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, STATE_DIR), state)
     ckptr.wait_until_finished()
-    meta = {"format_version": FORMAT_VERSION, "spec": model.spec.to_json()}
+    meta = {"format_version": FORMAT_VERSION, "spec": model.spec.to_json(),
+            "preprocessing": preprocessing.record(**preprocess) if preprocess
+            else dict(preprocessing.DEFAULT),
+            "state_sha256": file_digests(os.path.join(tmp, STATE_DIR))}
     if extra:
       meta.update(extra)
     with open(os.path.join(tmp, SPEC_FILE), "w") as f:
@@ -58,8 +111,8 @@ def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None) 
   return directory
 
 
-def read_spec(directory: str) -> models.ModelSpec:
-  """The architecture recorded in a model directory."""
+def read_meta(directory: str) -> dict:
+  """`model.json` of a model directory or training workdir."""
   path = os.path.join(directory, SPEC_FILE)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no such model directory")
@@ -69,9 +122,24 @@ def read_spec(directory: str) -> models.ModelSpec:
   try:
     with open(path) as f:
       meta = json.load(f)
-    return models.ModelSpec.from_json(meta["spec"])
+    meta["spec"] = models.ModelSpec.from_json(meta["spec"])
+    return meta
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"{path}: unreadable architecture record: {e}") from None
+
+
+def read_spec(directory: str) -> models.ModelSpec:
+  """The architecture recorded in a model directory."""
+  return read_meta(directory)["spec"]
+
+
+def read_preprocessing(directory: str) -> dict:
+  """The evaluation preprocessing recorded with a model (ImageNet's when none was)."""
+  rec = read_meta(directory).get("preprocessing")
+  try:
+    return preprocessing.record(**rec) if rec else dict(preprocessing.DEFAULT)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{os.path.join(directory, SPEC_FILE)}: {e}") from None
 
 
 def restore_model(directory: str) -> nnx.Module:
@@ -81,7 +149,8 @@ def restore_model(directory: str) -> nnx.Module:
   latest checkpoint is used).
   Returned in training mode like any new model; call `.eval()` for inference.
   """
-  spec = read_spec(directory)
+  meta = read_meta(directory)
+  spec = meta["spec"]
   abstract = models.abstract_model(spec)
   graphdef, abstract_state = nnx.split(abstract)
   # Replicated on this process's devices, whatever topology wrote the checkpoint.
@@ -93,6 +162,8 @@ def restore_model(directory: str) -> nnx.Module:
   state_path = os.path.join(os.path.abspath(directory), STATE_DIR)
   train_path = os.path.join(os.path.abspath(directory), TRAIN_CHECKPOINTS)
   if os.path.isdir(state_path):
+    if "state_sha256" in meta:
+      verify_digests(state_path, meta["state_sha256"])
     try:
       restored = ocp.StandardCheckpointer().restore(state_path, target)
     except Exception as e:  # orbax raises a variety of types for bad trees/shapes
@@ -105,27 +176,87 @@ def restore_model(directory: str) -> nnx.Module:
                           f"{TRAIN_CHECKPOINTS}/ (a training workdir) is there")
   restored = _int_keys(restored, target)
   _check_shapes(target, restored, state_path)
+  check_finite(restored, state_path)
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
 
 
+# --- training checkpoints: checksums and falling back to an intact step ------------------------
+
+STEP_DIGESTS = "checkpoint_sha256"  # beside checkpoints/: <step>.json per saved step
+
+
+def _digests_path(manager_dir: str, step: int) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(manager_dir)), STEP_DIGESTS,
+                      f"{step}.json")
+
+
+def record_step_digests(manager_dir: str, step: int) -> None:
+  """Writes the sha256 of every file of training checkpoint `step` (after Orbax finished
+  it) and drops the records of steps Orbax has since deleted."""
+  path = _digests_path(manager_dir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(file_digests(os.path.join(manager_dir, str(step))), f)
+  os.replace(tmp, path)
+  for name in os.listdir(os.path.dirname(path)):
+    stem = name[:-len(".json")]
+    if name.endswith(".json") and stem.isdigit() and \
+        not os.path.isdir(os.path.join(manager_dir, stem)):
+      os.remove(os.path.join(os.path.dirname(path), name))
+
+
+def step_problem(manager_dir: str, step: int) -> str | None:
+  """Why training checkpoint `step` cannot be trusted, or None. A step saved without a
+  record (an older run, or killed between Orbax's atomic rename and the record) passes."""
+  path = _digests_path(manager_dir, step)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      expected = json.load(f)
+    verify_digests(os.path.join(manager_dir, str(step)), expected)
+  except (CheckpointError, json.JSONDecodeError, OSError) as e:
+    return str(e)
+  return None
+
+
+def restore_intact(manager, restore_step, log=None):
+  """(step, restore_step(step)) of the newest training checkpoint that is intact and
+  restores; damaged ones are skipped and said so. None when there is no checkpoint."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  problems = []
+  for step in steps:
+    problem = step_problem(str(manager.directory), step)
+    if problem is None:
+      try:
+        return step, restore_step(step)
+      except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    problems.append(f"step {step}: {problem}")
+    if log is not None:
+      log.warning("checkpoint %d is damaged (%s); trying an older one", step, problem)
+  if problems:
+    raise CheckpointError(f"{manager.directory}: no intact checkpoint; " + "; ".join(problems))
+  return None
+
+
 def _restore_from_training(path, target):
-  """Params and BN statistics (the 'model' item) of a training workdir's latest step."""
+  """Params and BN statistics (the 'model' item) of a training workdir's newest intact
+  step."""
+  import logging
   manager = ocp.CheckpointManager(path, item_names=("state", "model", "meta"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    manager.close()
-    raise CheckpointError(f"{path}: no finished checkpoint in this training workdir")
   try:
-    raw = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target)))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"{path}: cannot read the model of checkpoint {step}: "
-                          f"{type(e).__name__}: {e}") from None
+    found = restore_intact(manager, lambda step: manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target)))["model"], logging.getLogger("bcdnet_jax"))
   finally:
     manager.close()
-  return raw["model"], os.path.join(path, str(step))
+  if found is None:
+    raise CheckpointError(f"{path}: no finished checkpoint in this training workdir")
+  step, model = found
+  return model, os.path.join(path, str(step))
 
 
 def merge_pure(a, b):

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bcdnet_jax import binarize, layers, models
+from bcdnet_jax import binarize, errors, layers, models
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError):
   """A checkpoint that cannot be imported; the message names what is wrong."""
 
 
@@ -253,7 +253,7 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
   """
   entries = torch_entries(model)
   expected = {e.torch_key for e in entries}
-  missing, mismatched, values, defaults = [], [], {}, {}
+  missing, mismatched, nonfinite, values, defaults = [], [], [], {}, {}
   for e in entries:
     var = _get(model, e.path)
     if e.torch_key not in sd:
@@ -270,7 +270,13 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
       mismatched.append(f"{e.torch_key}: checkpoint {tuple(raw.shape)}, model {tuple(want)}")
       continue
     values[e.path] = x.astype(current.dtype)
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+      nonfinite.append(f"{e.torch_key} ({int(np.sum(~np.isfinite(x)))} of {x.size})")
   unexpected = sorted(set(sd) - expected)
+  if nonfinite:
+    raise ConversionError(f"{source}: non-finite values (NaN or infinity) in "
+                          f"{len(nonfinite)} tensors: {_first(nonfinite, ', ')}; nothing "
+                          "written")
   if missing or unexpected or mismatched:
     parts = []
     if missing:
@@ -386,6 +392,9 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
 def check_or_raise(chk: dict, tolerance: float) -> None:
   """Raises ConversionError when a self-check that ran is off by more than `tolerance`
   (relative, float64) or is not finite."""
+  if chk["status"] == "ran" and not chk["all_finite"]:
+    raise ConversionError("self-check failed: the logits are not finite (NaN or infinity); "
+                          "nothing written")
   if chk["status"] == "ran" and not chk["float64_rel_diff"] <= tolerance:
     raise ConversionError(
         f"self-check failed: in float64 the logits differ from the torch reference by "
@@ -407,6 +416,7 @@ def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ConversionError(f"{out}: already exists and is not an empty directory; "
                           "refusing to overwrite it")
+  errors.check_writable(out, ConversionError)
   spec = models.get_spec(arch, stage=stage, num_classes=num_classes, **(overrides or {}))
   sd = read_torch_checkpoint(torch_ckpt, key=ckpt_key)
   model, report = from_torch_state_dict(sd, spec, source=torch_ckpt)

@@ -18,13 +18,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bcdnet_jax import transforms
+from bcdnet_jax import errors, preprocessing, transforms
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+MEAN_RGB, STDDEV_RGB = preprocessing.MEAN_RGB, preprocessing.STDDEV_RGB
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A dataset that cannot be found or read; the message says where we looked."""
 
 
@@ -84,6 +83,7 @@ def get_builder(dataset: str, data_dir: str | None):
     if not os.path.isdir(root):
       raise DataError(f"image folder {root!r} does not exist (expected "
                       f"{root}/<split>/<label>/<image>.jpg)")
+    check_folder(root)
     return tfds.ImageFolder(root)
   if dataset == "digits":
     builder = Digits(data_dir=data_dir)
@@ -110,6 +110,65 @@ def get_builder(dataset: str, data_dir: str | None):
               f"--data_dir={root}\n(or pass --config.data_dir=DIR where it is prepared)")
     raise DataError(f"dataset {dataset!r} is not prepared: nothing found at {where}{hint}")
   return builder
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what tfds.ImageFolder takes
+
+
+def check_folder(root: str) -> None:
+  """An ImageFolder tree whose splits have the same classes, none of them empty; the
+  message names the classes at fault (tfds would merge them silently)."""
+  splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not splits:
+    raise DataError(f"image folder {root}: no split directories (expected "
+                    f"{root}/<split>/<label>/<image>.jpg)")
+  classes = {}
+  for split in splits:
+    sdir = os.path.join(root, split)
+    names = sorted(d for d in os.listdir(sdir) if os.path.isdir(os.path.join(sdir, d)))
+    empty = [n for n in names if not any(f.lower().endswith(_IMAGE_SUFFIXES)
+                                         for f in os.listdir(os.path.join(sdir, n)))]
+    if empty:
+      raise DataError(f"image folder {sdir}: class directories without images "
+                      f"({', '.join(_IMAGE_SUFFIXES)}): {', '.join(empty[:10])}")
+    classes[split] = set(names)
+  first = splits[0]
+  for split in splits[1:]:
+    if classes[split] != classes[first]:
+      only_a = sorted(classes[first] - classes[split])
+      only_b = sorted(classes[split] - classes[first])
+      raise DataError(f"image folder {root}: splits {first!r} and {split!r} have different "
+                      f"classes (only in {first}: {only_a[:10]}; only in {split}: "
+                      f"{only_b[:10]}); the labels would not mean the same")
+
+
+def undecodable(builder, split: str) -> list[str]:
+  """The examples of `split` that cannot be decoded (file names where the builder has
+  them, else positions), found by decoding every image once in parallel."""
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ok = ds.enumerate().map(lambda i, ex: (i, tf.size(transforms.decode(ex["image"]))),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  ok = ok.ignore_errors()
+  good = {int(i) for i, _ in ok.as_numpy_iterator()}
+  total = split_size(builder, split)
+  if len(good) == total:
+    return []
+  has_names = "image/filename" in builder.info.features
+  names = []
+  for i, ex in enumerate(ds.as_numpy_iterator()):
+    if i not in good:
+      names.append(ex["image/filename"].decode() if has_names else f"{split}[{i}]")
+  return names
+
+
+def check_images(builder, split: str, dataset: str) -> None:
+  """Raises DataError naming the undecodable images of `split`."""
+  bad = undecodable(builder, split)
+  if bad:
+    raise DataError(f"{dataset} split {split!r}: {len(bad)} undecodable image(s) (not JPEG, "
+                    f"PNG, GIF or BMP content, empty or truncated): {', '.join(bad[:10])}"
+                    f"{' ...' if len(bad) > 10 else ''}; remove or replace them")
 
 
 def split_size(builder, split: str) -> int:
@@ -148,8 +207,9 @@ def parse_eval_dataset(entry: str, default_split: str) -> tuple[str, str]:
 
 # --- preprocessing --------------------------------------------------------------------------
 
-def _normalize(image):
-  return (image / 255.0 - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+def _normalize(image, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
+  return (image / 255.0 - tf.constant(mean_rgb, tf.float32)) / tf.constant(stddev_rgb,
+                                                                           tf.float32)
 
 
 def eval_resize_size(image_size: int, crop_ratio: float) -> int:
@@ -180,7 +240,7 @@ def preprocess_train(image_bytes, seed, *, image_size: int,
 
 
 def preprocess_eval(image_bytes, *, image_size: int, crop_ratio: float = 224 / 256,
-                    exact_resize: bool = True):
+                    exact_resize: bool = True, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
   """torchvision's `Resize(image_size / crop_ratio)`, `CenterCrop(image_size)`, `ToTensor`,
   `Normalize` on the PIL-decoded image (see `transforms`): equal to PIL's pixels, or
   within one level without `exact_resize`."""
@@ -188,7 +248,7 @@ def preprocess_eval(image_bytes, *, image_size: int, crop_ratio: float = 224 / 2
                                     eval_resize_size(image_size, crop_ratio), exact_resize)
   image = tf.ensure_shape(transforms.center_crop(image, image_size),
                           [image_size, image_size, 3])
-  return _normalize(tf.cast(image, tf.float32))
+  return _normalize(tf.cast(image, tf.float32), mean_rgb, stddev_rgb)
 
 
 # --- pipelines ------------------------------------------------------------------------------
@@ -205,6 +265,8 @@ class DataConfig:
   crop_scale: tuple = (0.08, 1.0)
   random_flip: bool = True
   exact_resize_train: bool = False
+  mean_rgb: tuple = MEAN_RGB
+  stddev_rgb: tuple = STDDEV_RGB
   shuffle_buffer: int = 16_384
   seed: int = 0
   sharding: str = "global_stream"
@@ -291,7 +353,9 @@ def eval_dataset(builder, cfg: DataConfig, local_batch: int, global_batch: int, 
     else:
       labels = tf.one_hot(ex[key], n)
     return {"image": preprocess_eval(ex["image"], image_size=cfg.image_size,
-                                     crop_ratio=cfg.eval_crop_ratio),
+                                     crop_ratio=cfg.eval_crop_ratio,
+                                     mean_rgb=tuple(cfg.mean_rgb),
+                                     stddev_rgb=tuple(cfg.stddev_rgb)),
             "labels": labels, "mask": tf.constant(1.0)}
 
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcdnet_jax import packed
+from bcdnet_jax import errors, packed, preprocessing
 from bcdnet_jax.packed import ArtefactError, DeployModel, pack_bits
 
 FORMAT = "bcdnet-jax-deploy"
 REAL_DTYPES = ("float32", "float16")
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError):
   """A model or checkpoint that cannot be exported; the message says why."""
 
 
@@ -209,18 +209,16 @@ def deploy_size_bytes(spec, *, abstract=None) -> dict[str, dict]:
   return out
 
 
-def _header(spec, program, real_dtype, source) -> dict:
+def _header(spec, program, real_dtype, source, preprocess=None) -> dict:
   return {"format": FORMAT, "spec": spec.to_json(), "program": program,
           "real_dtype": real_dtype, "source": source,
-          "preprocess": {"mean_rgb": [0.485, 0.456, 0.406],
-                         "stddev_rgb": [0.229, 0.224, 0.225],
-                         "image_size": 224, "crop_ratio": 224 / 256}}
+          "preprocess": dict(preprocess or preprocessing.DEFAULT)}
 
 
 # --- writing and loading ---------------------------------------------------------------------
 
 def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: bool = False,
-                 source: str = "") -> dict:
+                 source: str = "", preprocess: dict | None = None) -> dict:
   """Writes the deploy artefact of `model` to `out`; returns a report of what it holds.
 
   The file is written next to `out` and renamed into place, so an existing file is
@@ -232,7 +230,12 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
                       "overwrite=True / --overwrite)")
   if os.path.isdir(out):
     raise ExportError(f"{out}: is a directory")
+  errors.check_writable(out, ExportError)
   program, tensors = deploy_tensors(model, real_dtype)
+  bad = errors.first_non_finite(tensors.items())
+  if bad:
+    raise ExportError(f"{source or 'model'}: non-finite value in deploy tensor {bad}; "
+                      "nothing written")
   arrays = {}
   zeros = 0
   for name, x in tensors.items():
@@ -244,12 +247,13 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
         continue
       zeros += 1
     arrays[name] = np.asarray(x)
-  header = _header(model.spec, program, real_dtype, source)
+  header = _header(model.spec, program, real_dtype, source, preprocess)
   packed.validate(header, arrays, out)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~errors.current_umask())  # mkstemp makes 0600; honour the umask
   try:
     size = packed.write(tmp, header, arrays)
     os.replace(tmp, out)
@@ -270,7 +274,8 @@ def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:
   _check_exportable(spec)
   model = checkpoint.restore_model(checkpoint_dir)
   model.eval()
-  return export_model(model, out, source=os.path.abspath(checkpoint_dir), **kw)
+  return export_model(model, out, source=os.path.abspath(checkpoint_dir),
+                      preprocess=checkpoint.read_preprocessing(checkpoint_dir), **kw)
 
 
 def load_packed(path: str) -> DeployModel:
@@ -295,8 +300,12 @@ def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
   graphdef, state = nnx.split(model)
   ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
   out = {}
+  if not np.all(np.isfinite(ref)):
+    raise ExportError("verify: the float model's logits are not finite (NaN or infinity)")
   for path in packed.PATHS:
     y = np.asarray(predict(x, path=path))
+    if not np.all(np.isfinite(y)):
+      raise ExportError(f"verify: the artefact's {path} path gives non-finite logits")
     out[path] = {"max_abs_diff": float(np.max(np.abs(y - ref))),
                  "max_logit": float(np.max(np.abs(ref))),
                  "top1_equal": bool(np.array_equal(y.argmax(-1), ref.argmax(-1)))}
@@ -317,20 +326,19 @@ def main(argv=None) -> int:
   try:
     report = export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite,
                                real_dtype="float16" if a.float16 else "float32")
-  except (ExportError, ArtefactError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {report['path']}: {report['file_bytes']:,} bytes "
-        f"({report['binary_bytes']:,} binary, {report['real_bytes']:,} real-valued "
-        f"{report['real_dtype']})")
-  if a.verify:
-    from bcdnet_jax import checkpoint
-    model = checkpoint.restore_model(a.checkpoint)
-    res = verify(model, load_packed(a.out), image_size=a.verify_image_size)
-    for path, r in res.items():
-      print(f"  {path:6s} max |logit diff| {r['max_abs_diff']:.3g} "
-            f"(max |logit| {r['max_logit']:.3g}), top-1 equal: {r['top1_equal']}")
-    report["verify"] = res
+    print(f"wrote {report['path']}: {report['file_bytes']:,} bytes "
+          f"({report['binary_bytes']:,} binary, {report['real_bytes']:,} real-valued "
+          f"{report['real_dtype']})")
+    if a.verify:
+      from bcdnet_jax import checkpoint
+      model = checkpoint.restore_model(a.checkpoint)
+      res = verify(model, load_packed(a.out), image_size=a.verify_image_size)
+      for path, r in res.items():
+        print(f"  {path:6s} max |logit diff| {r['max_abs_diff']:.3g} "
+              f"(max |logit| {r['max_logit']:.3g}), top-1 equal: {r['top1_equal']}")
+      report["verify"] = res
+  except (errors.UserError, ValueError) as e:
+    return errors.report(e)
   print(json.dumps(report))
   return 0
 

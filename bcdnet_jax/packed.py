@@ -16,8 +16,10 @@ real-valued stem and one classifier head (the mean of the two). Three paths comp
 D is an exact integer on every path, so the paths differ only by float rounding in the
 real-valued parts, which they share. No pickle, no torch: numpy, JAX and this package.
 
-File layout: b"BCDNETJX", uint32 format version, uint32 header length, the JSON header
-(spec, program, tensor table, sha256 of the data), zero padding to 64 bytes, the data.
+File layout: b"BCDNETJX", uint32 format version, uint32 header length, the 32-byte
+sha256 of the header and the data together, the JSON header (spec, program, tensor table,
+preprocessing), zero padding to 64 bytes, the data. One flipped bit anywhere after the
+prefix (a crop ratio, a stride, a weight) is detected.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcdnet_jax import errors
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
 from bcdnet_jax.layers import conv as _conv
 from bcdnet_jax.layers import group_shift, long_range_shifts
 
 MAGIC = b"BCDNETJX"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the header too
 ALIGN = 64
 PATHS = ("packed", "int8", "float")
 OPS = ("stem", "basic", "lsr", "pw", "r18", "head")
@@ -45,7 +48,7 @@ WORD = 32
 _CHUNK = 32  # words per step of the XNOR-popcount reduction
 
 
-class ArtefactError(ValueError):
+class ArtefactError(errors.UserError):
   """A deploy artefact that is not one, is truncated or corrupted, or is inconsistent."""
 
 
@@ -238,17 +241,24 @@ def _table(meta: dict[str, tuple[np.dtype, tuple]]) -> tuple[dict, int]:
   return table, offset
 
 
-def _head(header: dict, table: dict, data_bytes: int, sha256: str) -> bytes:
-  header = dict(header, tensors=table, data_bytes=data_bytes, data_sha256=sha256)
-  hbytes = json.dumps(header, separators=(",", ":")).encode()
-  head = MAGIC + struct.pack("<II", VERSION, len(hbytes)) + hbytes
+_PREFIX = 8 + 8 + 32  # magic, version and header length, sha256
+
+
+def _header_bytes(header: dict, table: dict, data_bytes: int) -> bytes:
+  header = {k: v for k, v in header.items() if k not in ("tensors", "data_bytes")}
+  return json.dumps(dict(header, tensors=table, data_bytes=data_bytes),
+                    separators=(",", ":")).encode()
+
+
+def _head(hbytes: bytes, digest: bytes) -> bytes:
+  head = MAGIC + struct.pack("<II", VERSION, len(hbytes)) + digest + hbytes
   return head + b"\0" * ((-len(head)) % ALIGN)
 
 
 def file_size(header: dict, meta: dict[str, tuple[np.dtype, tuple]]) -> int:
   """The exact size `write` gives, from dtypes and shapes alone."""
   table, n = _table(meta)
-  return len(_head(header, table, n, "0" * 64)) + n
+  return len(_head(_header_bytes(header, table, n), b"\0" * 32)) + n
 
 
 def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
@@ -259,7 +269,8 @@ def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
   for name, arr in tensors.items():
     off = table[name]["offset"]
     data[off:off + arr.nbytes] = arr.tobytes()
-  head = _head(header, table, n, hashlib.sha256(data).hexdigest())
+  hbytes = _header_bytes(header, table, n)
+  head = _head(hbytes, hashlib.sha256(hbytes + bytes(data)).digest())
   with open(path, "wb") as f:
     f.write(head)
     f.write(data)
@@ -280,23 +291,25 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   if version != VERSION:
     raise ArtefactError(f"{path}: artefact format version {version}, this runtime reads "
                         f"version {VERSION}")
-  if 16 + hlen > len(raw):
-    raise ArtefactError(f"{path}: truncated: the header needs {16 + hlen} bytes, the file "
-                        f"has {len(raw)}")
+  if _PREFIX + hlen > len(raw):
+    raise ArtefactError(f"{path}: truncated: the header needs {_PREFIX + hlen} bytes, the "
+                        f"file has {len(raw)}")
+  hbytes = raw[_PREFIX:_PREFIX + hlen]
+  start = _PREFIX + hlen + (-(_PREFIX + hlen)) % ALIGN
+  data = raw[start:]
+  if hashlib.sha256(hbytes + data).digest() != raw[16:_PREFIX]:
+    raise ArtefactError(f"{path}: corrupted or truncated: the sha256 of the header and data "
+                        "does not match the one written with them")
   try:
-    header = json.loads(raw[16:16 + hlen])
+    header = json.loads(hbytes)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ArtefactError(f"{path}: corrupted header (not JSON: {e})") from None
-  start = 16 + hlen + (-(16 + hlen)) % ALIGN
-  data = raw[start:]
   want = header.get("data_bytes")
   if not isinstance(want, int) or not isinstance(header.get("tensors"), dict):
     raise ArtefactError(f"{path}: header lacks 'data_bytes' / 'tensors'")
   if len(data) != want:
     raise ArtefactError(f"{path}: truncated or padded: {len(data)} data bytes, the header "
                         f"says {want}")
-  if hashlib.sha256(data).hexdigest() != header.get("data_sha256"):
-    raise ArtefactError(f"{path}: corrupted: the data's sha256 does not match the header")
   tensors = {}
   for name, e in header["tensors"].items():
     try:
@@ -424,6 +437,16 @@ class DeployModel:
       self._params[path] = per_op
     return self._params[path]
 
+  @property
+  def min_image_size(self) -> int:
+    """The total stride: the stem (2, and 2 more with a max-pool) times the blocks'."""
+    size = 1
+    for op in self.program:
+      if op["op"] == "stem":
+        size *= 4 if op.get("max_pool") else 2
+      size *= int(op.get("stride", 1))
+    return size
+
   def __call__(self, x, path: str = "packed"):
     if path not in PATHS:
       raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -432,6 +455,11 @@ class DeployModel:
     if x.ndim != 4 or x.shape[-1] != cin:
       raise ValueError(f"expected a normalised NHWC float32 batch with {cin} channels, got "
                        f"shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+      raise ValueError("empty batch: pass at least one image")
+    if min(x.shape[1:3]) < self.min_image_size:
+      raise ValueError(f"images of {x.shape[1]}x{x.shape[2]} px are smaller than the "
+                       f"{self.min_image_size} px this model's strides need")
     for op, t in zip(self.program, self.params(path)):
       x = _run_op(t, x, op=_op_key(op), path=path, relu=self._relu)
     return x

@@ -15,8 +15,10 @@ import sys
 
 import numpy as np
 
+from bcdnet_jax import errors
 
-class PredictError(ValueError):
+
+class PredictError(errors.UserError):
   """An image that cannot be read or decoded; the message names the file."""
 
 
@@ -30,19 +32,29 @@ def class_names(num_classes: int) -> list[str]:
   return [f"class {i}" for i in range(num_classes)]
 
 
-def load_images(paths: list[str], image_size: int, crop_ratio: float) -> np.ndarray:
-  """Decodes and preprocesses image files into a normalised NHWC float32 batch."""
+def load_images(paths: list[str], pre: dict) -> np.ndarray:
+  """Decodes and preprocesses image files into a normalised NHWC float32 batch, with the
+  model's preprocessing `pre` (`preprocessing.record`)."""
+  import os
+
   import tensorflow as tf
 
   from bcdnet_jax import data
   out = []
   for path in paths:
+    if "://" in path:
+      raise PredictError(f"{path}: a URL; download the image and pass the file")
+    if os.path.isdir(path):
+      raise PredictError(f"{path}: a directory; pass image files (e.g. {path}/*.jpg)")
     try:
       raw = tf.io.read_file(path)
     except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
       raise PredictError(f"{path}: cannot read the image file ({e.message})") from None
     try:
-      image = data.preprocess_eval(raw, image_size=image_size, crop_ratio=crop_ratio)
+      image = data.preprocess_eval(raw, image_size=pre["image_size"],
+                                   crop_ratio=pre["crop_ratio"],
+                                   mean_rgb=tuple(pre["mean_rgb"]),
+                                   stddev_rgb=tuple(pre["stddev_rgb"]))
     except (tf.errors.InvalidArgumentError, ValueError) as e:
       msg = getattr(e, "message", str(e)).splitlines()[0]
       raise PredictError(f"{path}: not a decodable image (JPEG, PNG, GIF or BMP): "
@@ -64,21 +76,28 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True, help="deploy artefact (bcdnet_jax.export)")
   p.add_argument("--path", default="packed", choices=["packed", "int8", "float"])
-  p.add_argument("--top", type=int, default=5)
+  p.add_argument("--top", type=int, default=5, help="classes to show (1 or more)")
+  p.add_argument("--image_size", type=int, default=0,
+                 help="override the model's recorded image size (logged)")
+  p.add_argument("--crop_ratio", type=float, default=0.0,
+                 help="override the model's recorded crop ratio (logged)")
   p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
   p.add_argument("images", nargs="+")
   a = p.parse_args(argv)
-  from bcdnet_jax import export
+  if a.top < 1:
+    p.error(f"--top must be 1 or more, got {a.top}")
+  from bcdnet_jax import export, preprocessing
   try:
     model = export.load_packed(a.model)
-    pre = model.header.get("preprocess", {})
-    images = load_images(a.images, int(pre.get("image_size", 224)),
-                         float(pre.get("crop_ratio", 224 / 256)))
-  except (export.ArtefactError, PredictError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,
+                                crop_ratio=a.crop_ratio, where=a.model)
+    images = load_images(a.images, pre)
+    top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
+    if not np.all(np.isfinite(probs)):
+      raise PredictError(f"{a.model}: the model gives non-finite outputs (NaN or infinity)")
+  except (errors.UserError, ValueError) as e:
+    return errors.report(e)
   names = class_names(model.num_classes)
-  top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
   result = []
   for path, idx, pr in zip(a.images, top, probs):
     preds = [{"class": int(i), "name": names[i], "prob": float(q)} for i, q in zip(idx, pr)]

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcdnet_jax import checkpoint, models
+from bcdnet_jax import checkpoint, errors, models, preprocessing
 
 # `bcdnet_jax.data` (TensorFlow) is imported inside the functions that build pipelines, so
 # the steps, losses and optimiser work where TensorFlow is not installed (bench/ on GPUs).
@@ -45,11 +45,15 @@ def setup_logging(level=logging.INFO):
   log.propagate = False
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """An invalid configuration, reported before anything is compiled or written."""
 
 
-class TrainingDiverged(RuntimeError):
+MODES = ("train", "eval")
+DATA_SHARDINGS = ("global_stream", "per_process")
+
+
+class TrainingDiverged(errors.UserError, RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -76,8 +80,48 @@ def validate_config(config, num_devices: int) -> None:
   need(config.learning_rate > 0, "learning_rate", "must be positive")
   need(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
   need(config.image_size > 0, "image_size", "must be positive")
+  need(0 < config.eval_crop_ratio <= 1, "eval_crop_ratio",
+       f"must be in (0, 1] (224/256 resizes to 256 and crops 224), got "
+       f"{config.eval_crop_ratio!r}")
+  need(config.get("data_sharding", "global_stream") in DATA_SHARDINGS, "data_sharding",
+       f"{config.get('data_sharding')!r} is not one of {DATA_SHARDINGS}")
+  need(config.model.get("compute_dtype", "auto") in models.COMPUTE_DTYPES,
+       "model.compute_dtype", f"{config.model.get('compute_dtype')!r} is not one of "
+       f"{models.COMPUTE_DTYPES}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     need(config[field] >= 0, field, "must be >= 0")
+
+
+def check_workdir_model(workdir: str, spec: models.ModelSpec) -> None:
+  """Refuses to resume a workdir that holds a run of another model, before anything in it
+  is written (its model.json and config.json stay as they are)."""
+  if not os.path.exists(os.path.join(workdir, checkpoint.SPEC_FILE)):
+    return
+  try:
+    old = checkpoint.read_spec(workdir)
+  except checkpoint.CheckpointError:
+    return  # not ours to judge: an unreadable record is reported where it is read
+  differ = [f.name for f in dataclasses.fields(spec) if f.name != "compute_dtype"
+            and getattr(old, f.name) != getattr(spec, f.name)]
+  if differ:
+    shown = ", ".join(f"{k}: {getattr(old, k)!r} there, {getattr(spec, k)!r} requested"
+                      for k in differ[:4])
+    raise ConfigError(f"workdir {workdir} holds a run of another model ({shown}); use a new "
+                      "--workdir, or the same model to resume")
+
+
+def check_image_size(spec: models.ModelSpec, image_size: int) -> None:
+  """Fails before any work when the model's strides cannot take `image_size` images."""
+  model = models.abstract_model(spec)
+  model.eval()
+  try:
+    nnx.eval_shape(lambda m, x: m(x), model,
+                   jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
+                                        jnp.float32))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.image_size: {image_size} px images do not fit the strides of "
+                      f"{spec.family} {list(models.block_strides(spec))}: "
+                      f"{str(e).splitlines()[0][:200]}") from None
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
@@ -206,7 +250,7 @@ def load_init_from(path: str, spec: models.ModelSpec):
 # --- the loop -------------------------------------------------------------------------------
 
 class _Preemption:
-  """SIGTERM / SIGUSR1 (SLURM's --signal) request a checkpoint and a clean exit."""
+  """SIGTERM / SIGUSR1 (SLURM's --signal) request a checkpoint and a clean exit (code 0)."""
 
   def __init__(self):
     self.requested = False
@@ -223,6 +267,20 @@ class _Preemption:
   def _handle(self, signum, frame):
     log.warning("received signal %d: checkpointing and exiting", signum)
     self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop, agreed by all processes at this step.
+
+    Processes signalled a step apart (or only one of them) would otherwise save at
+    different steps, and the first collective of the save would wait forever for the
+    others; so with several processes the flag is all-gathered every step (one tiny
+    collective).
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -295,9 +353,21 @@ def _model_spec(config, num_classes):
     raise ConfigError(f"config.model: {e}") from None
 
 
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        cli_overrides: set[str] | frozenset = frozenset()) -> dict:
+  """main.py's entry point: `config.mode` 'train' (train, then evaluate) or 'eval'."""
+  mode = config.get("mode", "train")
+  if mode not in MODES:
+    raise ConfigError(f"config.mode: {mode!r} is not one of {MODES}")
+  if mode == "eval":
+    return evaluate(config, workdir)
+  return train_and_evaluate(config, workdir, cli_overrides=cli_overrides)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        step_hook: Callable[[int], Any] | None = None,
-                       return_params: bool = False) -> dict:
+                       return_params: bool = False,
+                       cli_overrides: set[str] | frozenset = frozenset()) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates, returns results.
 
   Runs with a `pipeline` (the digits demo) go through each stage in its own subdirectory.
@@ -305,15 +375,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from bcdnet_jax import data
   if config.get("pipeline"):
-    return _run_pipeline(config, workdir, step_hook)
+    return _run_pipeline(config, workdir, step_hook, cli_overrides)
   start_time = time.time()
   mesh = Mesh(np.array(jax.devices()), ("data",))
   validate_config(config, mesh.size)
   builder = data.get_builder(config.dataset, config.data_dir or None)
   num_classes = resolve_num_classes(config, builder)
   spec = _model_spec(config, num_classes)
+  check_image_size(spec, config.image_size)
+  check_workdir_model(workdir, spec)
   train_size = data.split_size(builder, config.train_split)
   data.split_size(builder, config.eval_split)
+  if config.dataset.startswith("folder:") or config.get("check_images", False):
+    # A bad validation image would only show after training: look before.
+    data.check_images(builder, config.eval_split, config.dataset)
+  if config.get("check_images", False):
+    data.check_images(builder, config.train_split, config.dataset)
   steps_per_epoch = max(1, train_size // config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -331,7 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     _write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
-                {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json()})
+                {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json(),
+                 "preprocessing": preprocessing.from_config(config)})
 
   model = models.build(spec, seed=config.seed)
   train_def, eval_def, params, batch_stats = split_model(model)
@@ -349,14 +427,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            create=True),
       item_names=("state", "model", "meta"))
   start_step = 0
-  if manager.latest_step() is not None:
-    latest = manager.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            state)
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    state, start_step = restored["state"], int(restored["meta"]["step"])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                          state)
+  found = checkpoint.restore_intact(manager, lambda step: manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                    meta=ocp.args.JsonRestore())), log)
+  if found is not None:
+    state, start_step = found[1]["state"], int(found[1]["meta"]["step"])
     log.info("resumed from %s at step %d", manager.directory, start_step)
+    _set_aside_damaged(manager, found[0], workdir)
   state = jax.device_put(state, repl)
 
   teacher_def = teacher_state = None
@@ -391,6 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
                                 "spec": spec.to_json()})), force=True)
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+      checkpoint.record_step_digests(str(manager.directory), step)
 
   def evaluate_now():
     return run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size,
@@ -400,12 +481,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step = start_step
   last_log_time, last_log_step = time.time(), step
   eval_result = None
+  if jax.process_index() == 0 and step < total_steps:
+    log.info("compiling the training step (the first step includes it)...")
   try:
     with _Preemption() as preempt:
       while step < total_steps:
-        batch = global_batch(next(train_iter))
+        batch = global_batch(_next_batch(train_iter, builder, config))
         state, metrics = p_train(state, batch, teacher_state)
         step += 1
+        if step == start_step + 1:  # the ETA counts steps after compilation only
+          jax.block_until_ready(metrics)
+          if jax.process_index() == 0:
+            log.info("first step done after %.1f s (compilation)", time.time() - last_log_time)
+          last_log_time, last_log_step = time.time(), step
         if step_hook is not None:
           step_hook(step)
         is_last = step == total_steps
@@ -417,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"(step {manager.latest_step()}) is kept in {manager.directory}")
           now = time.time()
           rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-          eta = (total_steps - step) / max(rate, 1e-9)
+          eta = (total_steps - step) / rate if rate > 0 else float("nan")
           m.update(learning_rate=float(schedule(step - 1)), steps_per_s=rate,
                    images_per_s=rate * config.batch_size)
           writer.scalars(step, m)
@@ -433,10 +521,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                 "eval_top5": eval_result["top5"]})
         want_ckpt = (config.checkpoint_every_steps and
                      step % config.checkpoint_every_steps == 0)
-        if want_ckpt or is_last or preempt.requested:
+        stop = preempt.agreed()  # every process stops at the same step, or none does
+        if want_ckpt or is_last or stop:
           _check_finite(state, step, manager)
           save(step)
-        if preempt.requested and not is_last:
+        if stop and not is_last:
           log.warning("preempted at step %d; resume by running the same command", step)
           return {"preempted": True, "steps": step}
     eval_result = evaluate_now()
@@ -465,7 +554,39 @@ def _check_finite(state, step, manager):
                            f"good checkpoint (step {manager.latest_step()}) is kept")
 
 
+def _set_aside_damaged(manager, good_step: int, workdir: str) -> None:
+  """Moves checkpoints newer than the one resumed from (damaged ones) to
+  `workdir/damaged_checkpoints/`, so the run can save those steps again; nothing is
+  deleted."""
+  newer = [s for s in manager.all_steps() if s > good_step]
+  if not newer or jax.process_index() != 0:
+    return
+  aside = os.path.join(workdir, "damaged_checkpoints")
+  os.makedirs(aside, exist_ok=True)
+  for step in newer:
+    dest = os.path.join(aside, f"{step}-{int(time.time())}")
+    os.replace(os.path.join(str(manager.directory), str(step)), dest)
+    log.warning("moved damaged checkpoint %d to %s", step, dest)
+  manager.reload()
+
+
+def _next_batch(train_iter, builder, config):
+  """The next host batch; an undecodable image stops the run with its file named (not
+  skipped: skipping would silently change the deterministic data order and epoch)."""
+  import tensorflow as tf
+
+  from bcdnet_jax import data
+  try:
+    return next(train_iter)
+  except tf.errors.InvalidArgumentError as e:
+    data.check_images(builder, config.train_split, config.dataset)  # names the files
+    raise data.DataError(f"{config.dataset}: an image could not be decoded "
+                         f"({e.message.splitlines()[0][:200]})") from None
+
+
 def _fmt_eta(seconds):
+  if not math.isfinite(seconds):
+    return "(after the next steps)"
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
@@ -524,6 +645,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
                       f"and divisible by the {mesh.size} devices")
   model = checkpoint.restore_model(config.checkpoint)
+  pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
+                              image_size=config.image_size,
+                              crop_ratio=config.eval_crop_ratio, where=config.checkpoint)
   entries = eval_entries(config)
   builders = [data.get_builder(name, config.data_dir or None) for name, _ in entries]
   for (name, split), builder in zip(entries, builders):  # all checked before any work
@@ -546,7 +670,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   per_set = {}
   for (name, split), builder in zip(entries, builders):
-    dcfg = dataclasses.replace(_data_config(config), dataset=name, eval_split=split)
+    dcfg = dataclasses.replace(
+        _data_config(config), dataset=name, eval_split=split, image_size=pre["image_size"],
+        eval_crop_ratio=pre["crop_ratio"], mean_rgb=tuple(pre["mean_rgb"]),
+        stddev_rgb=tuple(pre["stddev_rgb"]))
     r = run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size, global_batch,
                        return_predictions)
     per_set[f"{name}:{split}"] = r
@@ -555,7 +682,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                r["top5"], r["num_eval_examples"])
   result = dict(next(iter(per_set.values())))
   result.update(steps=0, wall_time_s=time.time() - start, checkpoint=config.checkpoint,
-                dataset=entries[0][0], eval_split=entries[0][1],
+                dataset=entries[0][0], eval_split=entries[0][1], preprocessing=pre,
                 datasets={k: {f: v[f] for f in ("top1", "top5", "num_eval_examples",
                                                  "num_images")}
                           for k, v in per_set.items()})
@@ -567,19 +694,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return result
 
 
-def _run_pipeline(config, workdir, step_hook):
+def _stage_config(config, name, overrides, cli_overrides):
+  """`config` with a pipeline stage's values, except fields set on the command line: those
+  win (`--config.num_train_steps=30` shortens every stage), and the log says so."""
+  stage_cfg = config.copy_and_resolve_references()
+  flat = {}
+  for k, v in overrides.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+    else:
+      flat[k] = v
+  with stage_cfg.unlocked():
+    stage_cfg.pipeline = ml_collections.ConfigDict()
+    for key, v in flat.items():
+      if key in cli_overrides:
+        log.info("pipeline stage %s: config.%s from the command line replaces the stage's "
+                 "%r", name, key, v)
+        continue
+      parent, _, leaf = key.rpartition(".")
+      (stage_cfg[parent] if parent else stage_cfg)[leaf] = v
+  return stage_cfg
+
+
+def _run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
   """Runs the stages of `config.pipeline` in order, each initialised from the last."""
   results, previous = {}, None
   start = time.time()
   for name, overrides in config.pipeline.items():
-    stage_cfg = config.copy_and_resolve_references()
+    stage_cfg = _stage_config(config, name, overrides, cli_overrides)
     with stage_cfg.unlocked():
-      stage_cfg.pipeline = ml_collections.ConfigDict()
-      for k, v in overrides.items():
-        if isinstance(v, ml_collections.ConfigDict):
-          stage_cfg[k].update(v)
-        else:
-          stage_cfg[k] = v
       if previous is not None and not stage_cfg.init_from:
         stage_cfg.init_from = previous
     sub = os.path.join(workdir, name)

@@ -27,6 +27,10 @@ def get_config():
   # True = PIL's own fixed-point two passes, equal to the pixel (about half the
   # images/s per core). Evaluation always uses PIL's exact resize.
   c.exact_resize_train = False
+  # Decode every image of the train and eval splits before training and name the ones
+  # that fail (always done for the eval split of folder: datasets). During training an
+  # undecodable image stops the run with its file named.
+  c.check_images = False
   c.shuffle_buffer = 16_384
   # "global_stream": every process reads the same stream and decodes its rows of each
   # global batch (results independent of the process count); "per_process": each process

@@ -59,3 +59,42 @@ def test_restore_errors(tmp_path, small_model):
   open(os.path.join(d, "model.json"), "w").write("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="unreadable architecture record"):
     checkpoint.restore_model(d)
+
+
+def test_model_directory_integrity_and_non_finite_weights(tmp_path, small_model):
+  d = checkpoint.save_model(small_model, str(tmp_path / "m"))
+  meta = json.load(open(os.path.join(d, "model.json")))
+  assert meta["preprocessing"] == {"image_size": 224, "crop_ratio": 0.875,
+                                   "mean_rgb": [0.485, 0.456, 0.406],
+                                   "stddev_rgb": [0.229, 0.224, 0.225]}
+  assert meta["state_sha256"] and oct(os.stat(d).st_mode & 0o777) != "0o700"
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(d, "state")) for f in fs]
+  victim = max(files, key=os.path.getsize)
+  raw = bytearray(open(victim, "rb").read())
+  raw[len(raw) // 2] ^= 0x01  # one flipped bit
+  open(victim, "wb").write(bytes(raw))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f"{os.path.basename(victim)}: corrupted"):
+    checkpoint.restore_model(d)
+  # a NaN weight is refused when saving, and named when restoring an older directory
+  bad = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                            mlp_groups=1, mlp_group=["pw"])
+  bad.head.kernel[...] = bad.head.kernel[...].at[0, 0].set(np.nan)
+  with pytest.raises(checkpoint.CheckpointError, match=r"head.*kernel.*1 non-finite"):
+    checkpoint.save_model(bad, str(tmp_path / "nan"))
+  assert not (tmp_path / "nan").exists()
+  good = checkpoint.save_model(models.create_model(
+      "bcdnet_a", stage=2, num_classes=3, channels=[8, 16], mlp_groups=1, mlp_group=["pw"]),
+      str(tmp_path / "old"))
+  meta = json.load(open(os.path.join(good, "model.json")))
+  del meta["state_sha256"]  # as written before checksums existed
+  json.dump(meta, open(os.path.join(good, "model.json"), "w"))
+  import orbax.checkpoint as ocp
+  state = nnx.to_pure_dict(nnx.state(bad))
+  import shutil
+  shutil.rmtree(os.path.join(good, "state"))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(good, "state"), state)
+  ckptr.wait_until_finished()
+  with pytest.raises(checkpoint.CheckpointError, match=r"head.*kernel.*non-finite"):
+    checkpoint.restore_model(good)

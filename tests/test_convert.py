@@ -289,3 +289,32 @@ def test_resnet50_from_torchvision_layout(tmp_path):
   assert report["tensors_mapped"] == len(keys)
   teacher = checkpoint.restore_model(str(tmp_path / "teacher"))
   assert isinstance(teacher, models.ResNet50)
+
+
+def test_non_finite_tensor_and_unwritable_output_are_refused(converted, tmp_path):
+  _, sd = converted["a_3"]
+  bad = dict(sd)
+  bad["feature.3.bn1.weight"] = np.array(sd["feature.3.bn1.weight"]).copy()
+  bad["feature.3.bn1.weight"][2] = np.nan
+  path = tmp_path / "nan.pth"
+  torch.save({"model": {f"module.{k}": torch.from_numpy(np.array(v)) for k, v in
+                        bad.items()}}, path)
+  with pytest.raises(convert.ConversionError,
+                     match=r"non-finite .* feature\.3\.bn1\.weight \(1 of 16\)"):
+    convert.convert_file(str(path), "bcdnet_a", 2, str(tmp_path / "out"), num_classes=10,
+                         overrides=dict(channels=TINY_CHANNELS))
+  assert not (tmp_path / "out").exists()
+  # an output below a file, and a read-only directory (simulated: the tests run as root):
+  # refused at once, before the checkpoint is read
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(convert.ConversionError, match="is not a directory"):
+    convert.convert_file("/nonexistent.pth", "bcdnet_a", 2, str(tmp_path / "file" / "out"))
+  real_access = os.access
+  monkey = pytest.MonkeyPatch()
+  monkey.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else
+                 real_access(p, mode))
+  try:
+    with pytest.raises(convert.ConversionError, match="not writable"):
+      convert.convert_file("/nonexistent.pth", "bcdnet_a", 2, str(tmp_path / "out2"))
+  finally:
+    monkey.undo()

@@ -135,3 +135,36 @@ def test_single_process_needs_nothing(monkeypatch):
   assert not distributed.under_slurm_multiprocess()  # a one-task srun stays single
   with pytest.raises(ValueError, match="together"):
     distributed.initialize("localhost:1234")
+
+
+def test_signalled_processes_agree_on_the_stop_step_and_exit_cleanly(tmp_path, digits_dir):
+  """SIGTERM a step apart (process 0 after step 3, process 1 after step 4), and to one
+  process only: every task checkpoints the same step and exits 0, no hang; the same
+  command then resumes and finishes."""
+  runs = {"apart": str(tmp_path / "apart"), "one": str(tmp_path / "one")}
+  ports = random.sample(range(20_000, 60_000), 3)
+  signals = {"apart": (3, 4), "one": (None, 3)}
+  procs = {}
+  start = time.time()
+  for (name, wd), port in zip(runs.items(), ports):
+    common = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+              "--checkpoint_every", "100"]
+    for i, at in enumerate(signals[name]):
+      extra = ["--signal_at", str(at)] if at is not None else []
+      procs[name, i] = launch(wd, digits_dir, 40, 1, *common, "--process_id", str(i), *extra)
+  outs = {key: finish(p, timeout=300) for key, p in procs.items()}
+  for key, (rc, out) in outs.items():
+    assert rc == 0, (key, out[-3000:])
+  assert time.time() - start < 300
+  for name, wd in runs.items():
+    stops = {outs[name, i][1].split("PREEMPTED AT ")[1].split()[0] for i in range(2)}
+    assert len(stops) == 1, (name, stops)  # the same step on both processes
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [stops.pop()]
+  # the same command resumes from the preemption checkpoint and finishes
+  common = ["--coordinator_address", f"localhost:{random.randint(20_000, 60_000)}",
+            "--num_processes", "2", "--checkpoint_every", "100"]
+  procs = [launch(runs["apart"], digits_dir, 8, 1, *common, "--process_id", str(i))
+           for i in range(2)]
+  for rc, out in (finish(p) for p in procs):
+    assert rc == 0 and "PROCESSES 2" in out, out[-3000:]
+  assert "8" in os.listdir(os.path.join(runs["apart"], "checkpoints"))

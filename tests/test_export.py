@@ -186,13 +186,13 @@ def test_bad_artefacts_fail_clearly_and_nothing_is_overwritten(tmp_path):
 
   # A header whose architecture does not match the tensors (checksum still valid).
   hlen = struct.unpack("<I", raw[12:16])[0]
-  header = json.loads(raw[16:16 + hlen])
+  header = json.loads(raw[48:48 + hlen])
   header["program"][1]["out"] = 32  # the block says 8 -> 32, its tensors say 8 -> 16
   tensors = packed.read(str(out))[1]
   bad = tmp_path / "wrong_arch.bcdnet"
   with pytest.raises(export.ArtefactError, match="architecture header implies"):
     packed.write(str(bad), {k: v for k, v in header.items()
-                            if k not in ("tensors", "data_bytes", "data_sha256")}, tensors)
+                            if k not in ("tensors", "data_bytes")}, tensors)
     export.load_packed(str(bad))
   header["program"][1]["out"] = 16
   header["spec"]["num_classes"] = 5
@@ -245,3 +245,43 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
   assert "not a bcdnet-jax deploy artefact" in capsys.readouterr().err
   names = predict.class_names(1000)
   assert names[0] == "tench" and names[999] == "toilet tissue" and len(set(names)) >= 998
+
+
+def test_header_bit_flips_nan_weights_and_tiny_inputs_are_refused(tmp_path):
+  out = _small_artefact(tmp_path)
+  raw = out.read_bytes()
+  hlen = struct.unpack("<I", raw[12:16])[0]
+  text = raw[48:48 + hlen]
+  for needle in (b'"crop_ratio":0.875', b'"stride":2'):
+    pos = text.index(needle) + len(needle) - 1
+    flipped = bytearray(raw)
+    flipped[48 + pos] ^= 0x01  # '5' -> '4', '2' -> '3': still valid JSON
+    bad = tmp_path / "flipped_header.bcdnet"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(export.ArtefactError, match="sha256 of the header and data"):
+      export.load_packed(str(bad))
+  assert oct(out.stat().st_mode & 0o777) != "0o600"  # the umask decides, as for any file
+  f = export.load_packed(str(out))
+  with pytest.raises(ValueError, match="empty batch"):
+    f(np.zeros((0, 16, 16, 3), np.float32))
+  with pytest.raises(ValueError, match="smaller than the"):
+    f(np.zeros((1, 2, 2, 3), np.float32))
+  # a NaN weight: export refuses, naming the tensor; nothing written
+  m = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                          mlp_groups=1, mlp_group=["pw"])
+  m.eval()
+  m.head.kernel[...] = m.head.kernel[...].at[1, 1].set(np.nan)
+  with pytest.raises(export.ExportError, match=r"non-finite value in deploy tensor .*head"):
+    export.export_model(m, str(tmp_path / "nan.bcdnet"))
+  assert not (tmp_path / "nan.bcdnet").exists()
+
+
+def test_predict_argument_mistakes(tmp_path, capsys):
+  out = _small_artefact(tmp_path)
+  assert predict.main(["--model", str(out), str(tmp_path)]) == 2
+  assert "a directory" in capsys.readouterr().err
+  assert predict.main(["--model", str(out), "https://example.com/cat.jpg"]) == 2
+  assert "a URL" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    predict.main(["--model", str(out), "--top", "-3", str(tmp_path / "x.jpg")])
+  assert e.value.code == 2 and "--top must be 1 or more" in capsys.readouterr().err

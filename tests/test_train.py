@@ -361,3 +361,187 @@ def test_eval_dataset_names_and_missing_real_hint():
   assert data.parse_eval_dataset("digits:test", "x") == ("digits", "test")
   with pytest.raises(data.DataError, match="ILSVRC2012_img_val.tar in"):
     data.get_builder("imagenet2012_real", "/nonexistent/tfds")
+
+
+# --- hardening: bad input is named, nothing already written is damaged ----------------------
+
+def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_dir):
+  """The recorded preprocessing (16 px here) is the default of eval, export and predict:
+  all three give the training run's accuracy without any size flag."""
+  from bcdnet_jax import export, predict, preprocessing
+  from configs import eval as eval_config
+  wd = str(tmp_path / "run")
+  res = train.train_and_evaluate(small_config(digits_dir, num_train_steps=4), wd)
+  meta = json.load(open(os.path.join(wd, "model.json")))
+  assert meta["preprocessing"]["image_size"] == 16 and meta["preprocessing"]["crop_ratio"] == 1
+  c = eval_config.get_config()
+  c.checkpoint, c.dataset, c.data_dir, c.eval_split = wd, "digits", digits_dir, "test"
+  ev = train.run(c, str(tmp_path / "ev"))
+  assert ev["preprocessing"]["image_size"] == 16 and ev["top1"] == res["top1"]
+  # an explicit, different size is allowed (and logged)
+  c.image_size = 32
+  assert train.run(c, str(tmp_path / "ev32"))["preprocessing"]["image_size"] == 32
+  # export + predict on the test images as files: the same predictions as evaluation
+  art = str(tmp_path / "digits.bcdnet")
+  export.export_checkpoint(wd, art)
+  assert export.load_packed(art).header["preprocess"]["image_size"] == 16
+  b = data.get_builder("digits", digits_dir)
+  files, labels = [], []
+  for i, ex in enumerate(b.as_dataset(split="test", decoders={
+      "image": tfds.decode.SkipDecoding()}).take(40).as_numpy_iterator()):
+    path = tmp_path / f"{i}.png"
+    path.write_bytes(ex["image"])
+    files.append(str(path))
+    labels.append(int(ex["label"]))
+  model = export.load_packed(art)
+  pre = preprocessing.resolve(model.header["preprocess"])
+  top, _ = predict.predict(model, predict.load_images(files, pre), k=1)
+  restored = checkpoint.restore_model(wd)
+  restored.eval()
+  ds, _, _ = data.eval_dataset(b, dataclasses_replace(train._data_config(small_config(
+      digits_dir)), image_size=16, eval_crop_ratio=1.0), 40, 40)
+  batch = next(ds.as_numpy_iterator())
+  direct = np.asarray(nnx.jit(lambda m, x: m(x))(restored, jnp.asarray(batch["image"])))
+  np.testing.assert_array_equal(top[:, 0], direct.argmax(-1))
+
+
+def dataclasses_replace(obj, **kw):
+  import dataclasses
+  return dataclasses.replace(obj, **kw)
+
+
+def test_resume_with_another_model_is_refused_and_leaves_the_workdir_intact(tmp_path,
+                                                                          digits_dir):
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(small_config(digits_dir, num_train_steps=2), wd)
+  before = {f: open(os.path.join(wd, f), "rb").read() for f in ("model.json", "config.json")}
+  other = small_config(digits_dir, num_train_steps=4)
+  other.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 8), mlp_groups=1,
+                                                         mlp_group=("lsr", "pw")))
+  with pytest.raises(train.ConfigError, match=r"holds a run of another model \(channels"):
+    train.train_and_evaluate(other, wd)
+  for f, content in before.items():
+    assert open(os.path.join(wd, f), "rb").read() == content
+  checkpoint.restore_model(wd)  # the earlier run still restores
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, digits_dir, caplog):
+  wd = str(tmp_path / "run")
+  cfg = small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
+  train.train_and_evaluate(cfg, wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+  # flip one byte of the biggest file of step 4
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(wd, "checkpoints", "4"))
+           for f in fs]
+  victim = max(files, key=os.path.getsize)
+  raw = bytearray(open(victim, "rb").read())
+  raw[len(raw) // 2] ^= 0x01
+  open(victim, "wb").write(bytes(raw))
+  with caplog.at_level("WARNING", logger="bcdnet_jax"):
+    restored = checkpoint.restore_model(wd)
+  assert "checkpoint 4 is damaged" in caplog.text and "corrupted" in caplog.text
+  assert restored is not None
+  # resuming trains from step 2 again, and says which checkpoint it skipped
+  caplog.clear()
+  with caplog.at_level("INFO", logger="bcdnet_jax"):
+    res = train.train_and_evaluate(cfg, wd)
+  assert res["steps"] == 4 and "at step 2" in caplog.text
+  # a deleted file in the newest checkpoint: the same fallback
+  os.remove(min((os.path.join(d, f) for d, _, fs in os.walk(
+      os.path.join(wd, "checkpoints", "4")) for f in fs), key=os.path.getsize))
+  with caplog.at_level("WARNING", logger="bcdnet_jax"):
+    checkpoint.restore_model(wd)
+  assert "missing" in caplog.text
+
+
+def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
+  for kw, msg in [(dict(mode="evaluate"), "config.mode: 'evaluate' is not one of"),
+                  (dict(eval_crop_ratio=0.0), "config.eval_crop_ratio: must be in"),
+                  (dict(image_size=34), "config.image_size: 34 px images do not fit"),
+                  (dict(data_sharding="rows"), "config.data_sharding: 'rows'")]:
+    c = small_config(digits_dir, **kw)
+    with pytest.raises(train.ConfigError, match=msg):
+      train.run(c, str(tmp_path / "w"))
+  c = small_config(digits_dir)
+  c.model.compute_dtype = "fp8"
+  with pytest.raises(train.ConfigError, match="config.model.compute_dtype: 'fp8'"):
+    train.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_command_line_beats_pipeline_stage_values(digits_dir):
+  from configs import digits
+  c = digits.get_config()
+  stage = train._stage_config(c, "stage1", c.pipeline.stage1, {"num_train_steps"})
+  assert stage.num_train_steps == c.num_train_steps  # the top level, not the stage's 600
+  stage = train._stage_config(c, "stage1", c.pipeline.stage1, set())
+  assert stage.num_train_steps == 600 and stage.model.stage == 1
+
+
+def test_main_reports_known_errors_in_one_line(tmp_path, digits_dir):
+  def main(*args):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return proc.returncode, proc.stderr.strip().splitlines()
+  wd = str(tmp_path / "w")
+  cases = [(["--config=configs/digits.py", f"--workdir={wd}", "--config.bach_size=3"],
+            "bach_size"),
+           (["--config=configs/nope.py", f"--workdir={wd}"], "nope.py"),
+           (["--config=configs/digits.py", f"--workdir={wd}", "--config.mode=evaluate"],
+            "config.mode: 'evaluate' is not one of"),
+           (["--config=configs/eval.py", f"--workdir={wd}",
+             f"--config.checkpoint={tmp_path / 'none'}"], "no such model directory")]
+  for args, needle in cases:
+    rc, err = main(*args)
+    assert rc == 2, err
+    last = err[-1]
+    assert last.startswith("error: ") and needle in last, err[-5:]
+    assert not any("Traceback" in line for line in err), err[-5:]
+  assert not os.path.exists(wd)
+
+
+def test_folder_dataset_problems_are_named(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+
+  def tree(root, classes, per_class=3):
+    for split, names in classes.items():
+      for c in names:
+        os.makedirs(os.path.join(root, split, c), exist_ok=True)
+        for i in range(per_class):
+          Image.fromarray(rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)).save(
+              os.path.join(root, split, c, f"{i}.jpg"))
+  ok = str(tmp_path / "ok")
+  tree(ok, {"train": ["cat", "dog"], "validation": ["cat", "dog"]})
+  # a PNG named .png and one named .jpg are decoded by content
+  Image.fromarray(rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)).save(
+      os.path.join(ok, "train", "cat", "p.png"))
+  Image.fromarray(rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)).save(
+      os.path.join(ok, "train", "dog", "png_content.jpg"), format="PNG")
+  b = data.get_builder(f"folder:{ok}", str(tmp_path / "tfds"))
+  assert data.undecodable(b, "train") == []
+  # zero-byte, truncated and text files: named
+  good = open(os.path.join(ok, "train", "cat", "0.jpg"), "rb").read()
+  open(os.path.join(ok, "train", "dog", "empty.jpg"), "wb").close()
+  open(os.path.join(ok, "train", "dog", "cut.jpg"), "wb").write(good[:len(good) // 3])
+  open(os.path.join(ok, "validation", "cat", "text.jpg"), "w").write("hello")
+  b = data.get_builder(f"folder:{ok}", str(tmp_path / "tfds2"))
+  bad = data.undecodable(b, "train")
+  assert sorted(os.path.basename(p) for p in bad) == ["cut.jpg", "empty.jpg"]
+  with pytest.raises(data.DataError, match="text.jpg"):
+    data.check_images(b, "validation", f"folder:{ok}")
+  # training with a bad validation image fails before training, naming it
+  c = small_config(str(tmp_path / "tfds3"), dataset=f"folder:{ok}", eval_split="validation")
+  with pytest.raises(data.DataError, match="text.jpg"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+  # class mismatch and empty classes
+  mism = str(tmp_path / "mism")
+  tree(mism, {"train": ["cat", "dog"], "validation": ["cat", "cow"]})
+  with pytest.raises(data.DataError, match=r"different classes .*dog.*cow"):
+    data.get_builder(f"folder:{mism}", None)
+  empty = str(tmp_path / "empty")
+  tree(empty, {"train": ["cat", "dog"], "validation": ["cat", "dog"]})
+  os.makedirs(os.path.join(empty, "train", "bird"))
+  with pytest.raises(data.DataError, match="without images .*bird"):
+    data.get_builder(f"folder:{empty}", None)

@@ -17,13 +17,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 def main():
   workdir, data_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
   rest = sys.argv[4:]
-  kill_at = None
+  kill_at = signal_at = None
   opts = {}
   while rest:
     key, value = rest[0].lstrip("-"), rest[1]
     rest = rest[2:]
     if key == "kill_at":
       kill_at = int(value)
+    elif key == "signal_at":  # SIGTERM to this process after that step
+      signal_at = int(value)
     else:
       opts[key] = value
   from bcdnet_jax import distributed, train
@@ -35,13 +37,19 @@ def main():
   import jax
   import numpy as np
   from test_train import small_config
-  cfg = small_config(data_dir, tiny=True, num_train_steps=steps, checkpoint_every_steps=2)
+  cfg = small_config(data_dir, tiny=True, num_train_steps=steps,
+                     checkpoint_every_steps=int(opts.get("checkpoint_every", 2)))
 
   def hook(step):
     if kill_at is not None and step == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
+    if signal_at is not None and step == signal_at:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   res = train.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
+  if res.get("preempted"):
+    print("PREEMPTED AT", res["steps"], flush=True)
+    return
   flat = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(res["params"]))}
   np.savez(os.path.join(workdir, f"params_{jax.process_index()}.npz"), **flat)
   print("PROCESSES", jax.process_count(), "DEVICES", jax.device_count(), flush=True)

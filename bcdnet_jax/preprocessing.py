@@ -1,0 +1,56 @@
+"""The evaluation preprocessing a model expects, as a record that travels with it.
+
+A model trained on 32 px digits evaluated with ImageNet's 224/256 gets a tenth of its
+accuracy; so `model.json` (model directories and training workdirs) and the deploy
+artefact's header record the image size, crop ratio and normalisation, and evaluation
+and `predict` default to them. No TensorFlow here: the deploy side imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet, as torchvision's Normalize in the recipe
+STDDEV_RGB = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 224
+CROP_RATIO = 224 / 256  # resize the shorter side to 256, centre-crop 224
+
+log = logging.getLogger("bcdnet_jax")
+
+
+def record(image_size: int = IMAGE_SIZE, crop_ratio: float = CROP_RATIO,
+           mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB) -> dict:
+  """A validated preprocessing record (JSON-serialisable)."""
+  if not (isinstance(image_size, int) and image_size > 0):
+    raise ValueError(f"preprocessing: image_size must be a positive integer, got "
+                     f"{image_size!r}")
+  if not (isinstance(crop_ratio, (int, float)) and 0 < crop_ratio <= 1):
+    raise ValueError(f"preprocessing: crop_ratio must be in (0, 1], got {crop_ratio!r}")
+  mean, std = [float(v) for v in mean_rgb], [float(v) for v in stddev_rgb]
+  if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) \
+      or min(std) <= 0:
+    raise ValueError(f"preprocessing: mean_rgb/stddev_rgb must be 3 finite values, std "
+                     f"positive; got {mean_rgb!r} / {stddev_rgb!r}")
+  return {"image_size": int(image_size), "crop_ratio": float(crop_ratio),
+          "mean_rgb": mean, "stddev_rgb": std}
+
+
+DEFAULT = record()
+
+
+def from_config(config) -> dict:
+  """The record of a training config (image_size, eval_crop_ratio)."""
+  return record(int(config.image_size), float(config.eval_crop_ratio))
+
+
+def resolve(recorded: dict | None, *, image_size: int = 0, crop_ratio: float = 0.0,
+            where: str = "the model") -> dict:
+  """The model's record (ImageNet's when none was recorded), with each non-zero override
+  applied; an override that differs from the record is allowed and logged."""
+  rec = record(**recorded) if recorded else dict(DEFAULT)
+  for key, value in (("image_size", image_size), ("crop_ratio", crop_ratio)):
+    if value and value != rec[key]:
+      log.warning("%s=%s overrides %s's recorded %s=%s", key, value, where, key, rec[key])
+      rec[key] = type(rec[key])(value)
+  return record(**rec)
