@@ -16,8 +16,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bcdnet_jax import binarize
-from bcdnet_jax.layers import (BatchNorm, BinaryConv, Conv, LearnableBias, Linear,
-                               RPReLU, avg_pool_2x2, group_shift, long_range_shifts)
+from bcdnet_jax.layers import (
+  BatchNorm,
+  BinaryConv,
+  Conv,
+  LearnableBias,
+  Linear,
+  RPReLU,
+  avg_pool_2x2,
+  group_shift,
+  long_range_shifts,
+)
 
 
 class DynamicThreshold(nnx.Module):

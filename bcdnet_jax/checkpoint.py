@@ -13,15 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bcdnet_jax import errors, models, preprocessing
+from bcdnet_jax import errors, fileio, models, preprocessing, runtime
 
 SPEC_FILE = "model.json"
 STATE_DIR = "state"
@@ -84,13 +82,9 @@ def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None,
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise CheckpointError(f"{directory}: already exists and is not an empty directory; "
                           "refusing to overwrite it")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
   state = nnx.to_pure_dict(nnx.state(model))
   check_finite(state, f"{directory}: refusing to save")
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
-    os.chmod(tmp, 0o777 & ~errors.current_umask())  # mkdtemp makes 0700: honour the umask
+  with fileio.new_directory(directory) as tmp:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, STATE_DIR), state)
     ckptr.wait_until_finished()
@@ -102,12 +96,6 @@ def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None,
       meta.update(extra)
     with open(os.path.join(tmp, SPEC_FILE), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.isdir(directory):
-      os.rmdir(directory)  # empty, checked above
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory
 
 
@@ -142,7 +130,7 @@ def read_preprocessing(directory: str) -> dict:
     raise CheckpointError(f"{os.path.join(directory, SPEC_FILE)}: {e}") from None
 
 
-def restore_model(directory: str) -> nnx.Module:
+def restore_model(directory: str, rt: runtime.Runtime | None = None) -> nnx.Module:
   """Rebuilds the model saved in `directory` and loads its weights and BN statistics.
 
   `directory` is a model directory (converter output) or a training workdir (the
@@ -154,10 +142,7 @@ def restore_model(directory: str) -> nnx.Module:
   abstract = models.abstract_model(spec)
   graphdef, abstract_state = nnx.split(abstract)
   # Replicated on this process's devices, whatever topology wrote the checkpoint.
-  replicated = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(jax.devices()), ("data",)), jax.sharding.PartitionSpec())
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+  target = (rt or runtime.Runtime.create()).abstract_replicated(
       nnx.to_pure_dict(abstract_state))
   state_path = os.path.join(os.path.abspath(directory), STATE_DIR)
   train_path = os.path.join(os.path.abspath(directory), TRAIN_CHECKPOINTS)
@@ -195,11 +180,7 @@ def record_step_digests(manager_dir: str, step: int) -> None:
   """Writes the sha256 of every file of training checkpoint `step` (after Orbax finished
   it) and drops the records of steps Orbax has since deleted."""
   path = _digests_path(manager_dir, step)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(file_digests(os.path.join(manager_dir, str(step))), f)
-  os.replace(tmp, path)
+  fileio.write_json(path, file_digests(os.path.join(manager_dir, str(step))))
   for name in os.listdir(os.path.dirname(path)):
     stem = name[:-len(".json")]
     if name.endswith(".json") and stem.isdigit() and \

@@ -60,6 +60,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
            info["backend"])
   return info
 
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0

@@ -57,19 +57,6 @@ def config_overrides(argv) -> set[str]:
   return out
 
 
-def check_writable(path: str, error=UserError) -> None:
-  """Raises `error` at once when `path` cannot be created (read-only or missing parent
-  that cannot be made), instead of after minutes of work."""
-  import os
-  parent = os.path.dirname(os.path.abspath(path))
-  while not os.path.isdir(parent):
-    if os.path.exists(parent):
-      raise error(f"{path}: {parent} is not a directory")
-    parent = os.path.dirname(parent)
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise error(f"{path}: cannot write there ({parent} is not writable); nothing done")
-
-
 def first_non_finite(named_arrays) -> str | None:
   """'name (k of n)' of the first float array with a NaN or infinity, else None."""
   import numpy as np
@@ -79,9 +66,3 @@ def first_non_finite(named_arrays) -> str | None:
       return f"{name} ({int(np.sum(~np.isfinite(x)))} of {x.size} values)"
   return None
 
-
-def current_umask() -> int:
-  import os
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask

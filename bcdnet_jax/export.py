@@ -20,13 +20,13 @@ import json
 import math
 import os
 import sys
-import tempfile
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcdnet_jax import errors, packed, preprocessing
+from bcdnet_jax import errors, fileio, packed, preprocessing
 from bcdnet_jax.packed import ArtefactError, DeployModel, pack_bits
 
 FORMAT = "bcdnet-jax-deploy"
@@ -84,71 +84,96 @@ class _Writer:
     self.real_tensor(name + ".shift", c)
 
 
+# One fold function per module class of `model.features` / `model.mlp`: it writes the
+# block's deploy tensors and its program op (a kind `packed.OPS` can run) and returns the
+# block's output width. Adding a block kind: a fold here, an `OpKind` in packed.OPS, a
+# name-table entry in convert (tests/test_blocks.py checks all three for every preset).
+
+def _fold_stem(layer, n, c, w):
+  out = layer.conv.kernel.shape[-1]
+  w.affine_conv(n, layer.conv, layer.bn)
+  w.program.append(dict(op="stem", name=n, kernel=layer.conv.kernel.shape[0],
+                        max_pool=layer.max_pool, **{"in": c, "out": out}))
+  return out
+
+
+def _fold_basic(layer, n, c, w):
+  out = 2 * c if layer.doubles else c
+  g1, c1 = _fold_bn(layer.bn1)
+  w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g1)
+  w.real_tensor(n + ".c1", c1)
+  w.activation(n + ".act1", layer.act1, g1)
+  w.rprelu(n + ".rprelu1", layer.rprelu1)
+  if layer.doubles:
+    (ga, ca), (gb, cb) = _fold_bn(layer.bn2_1), _fold_bn(layer.bn2_2)
+    g2, c2 = jnp.concatenate([ga, gb]), jnp.concatenate([ca, cb])
+    kernel = jnp.concatenate([layer.pw_down1.kernel[...], layer.pw_down2.kernel[...]],
+                             axis=-1)
+  else:
+    (g2, c2), kernel = _fold_bn(layer.bn2), layer.pw.kernel[...]
+  w.binary_conv(n + ".pw", kernel, g2)
+  w.real_tensor(n + ".c2", c2)
+  w.activation(n + ".act2", layer.act2, g2)
+  w.rprelu(n + ".rprelu2", layer.rprelu2)
+  w.program.append(dict(op="basic", name=n, stride=layer.stride, doubles=layer.doubles,
+                        **{"in": c, "out": out}))
+  return out
+
+
+def _fold_r18(layer, n, c, w):
+  out = layer.conv3x3.kernel.shape[-1]
+  g, cc = _fold_bn(layer.bn)
+  w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g)
+  w.real_tensor(n + ".c", cc)
+  w.activation(n + ".act", layer.act, g)
+  w.rprelu(n + ".rprelu", layer.rprelu)
+  if layer.downsample is not None:
+    w.affine_conv(n + ".down", layer.downsample.conv, layer.downsample.bn)
+  w.program.append(dict(op="r18", name=n, stride=layer.conv3x3.stride,
+                        downsample=layer.downsample is not None, **{"in": c, "out": out}))
+  return out
+
+
+def _fold_token_mlp(convs, kind):
+  def fold(block, n, c, w):
+    g, cc = _fold_bn(block.bn)
+    for conv in convs:
+      w.binary_conv(f"{n}.{conv}", getattr(block, conv).kernel[...], g)
+    w.real_tensor(n + ".c", cc)
+    w.activation(n + ".act", block.act, g)
+    w.rprelu(n + ".rprelu", block.rprelu)
+    extra = {"shift_mode": block.shift_mode} if kind == "lsr" else {}
+    w.program.append(dict(op=kind, name=n, **extra, **{"in": c}))
+    return c
+  return fold
+
+
+def fold_functions() -> dict[type, Callable]:
+  """Module class -> fold function (imports the model modules lazily: the runtime needs
+  neither)."""
+  from bcdnet_jax import blocks, models
+  return {models.Stem: _fold_stem, blocks.BasicBlock: _fold_basic,
+          blocks.ResNet18Block: _fold_r18,
+          blocks.LongShortRangeBlock: _fold_token_mlp(
+              ("token_mlp", "short_mlp", "long_mlp"), "lsr"),
+          blocks.PointwiseBlock: _fold_token_mlp(("token_mlp",), "pw")}
+
+
 def _walk(model, w: _Writer) -> None:
-  from bcdnet_jax import blocks, models  # the runtime itself needs neither
-  spec = model.spec
-  c = spec.in_channels
-  for i, layer in enumerate(model.features):
-    n = f"features.{i}"
-    if isinstance(layer, models.Stem):
-      k = layer.conv.kernel.shape[0]
-      out = layer.conv.kernel.shape[-1]
-      w.affine_conv(n, layer.conv, layer.bn)
-      w.program.append(dict(op="stem", name=n, kernel=k, max_pool=layer.max_pool, **{
-          "in": c, "out": out}))
-    elif isinstance(layer, blocks.BasicBlock):
-      out = 2 * c if layer.doubles else c
-      g1, c1 = _fold_bn(layer.bn1)
-      w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g1)
-      w.real_tensor(n + ".c1", c1)
-      w.activation(n + ".act1", layer.act1, g1)
-      w.rprelu(n + ".rprelu1", layer.rprelu1)
-      if layer.doubles:
-        (ga, ca), (gb, cb) = _fold_bn(layer.bn2_1), _fold_bn(layer.bn2_2)
-        g2, c2 = jnp.concatenate([ga, gb]), jnp.concatenate([ca, cb])
-        kernel = jnp.concatenate([layer.pw_down1.kernel[...], layer.pw_down2.kernel[...]],
-                                 axis=-1)
-      else:
-        (g2, c2), kernel = _fold_bn(layer.bn2), layer.pw.kernel[...]
-      w.binary_conv(n + ".pw", kernel, g2)
-      w.real_tensor(n + ".c2", c2)
-      w.activation(n + ".act2", layer.act2, g2)
-      w.rprelu(n + ".rprelu2", layer.rprelu2)
-      w.program.append(dict(op="basic", name=n, stride=layer.stride,
-                            doubles=layer.doubles, **{"in": c, "out": out}))
-    elif isinstance(layer, blocks.ResNet18Block):
-      out = layer.conv3x3.kernel.shape[-1]
-      g, cc = _fold_bn(layer.bn)
-      w.binary_conv(n + ".conv3x3", layer.conv3x3.kernel[...], g)
-      w.real_tensor(n + ".c", cc)
-      w.activation(n + ".act", layer.act, g)
-      w.rprelu(n + ".rprelu", layer.rprelu)
-      if layer.downsample is not None:
-        w.affine_conv(n + ".down", layer.downsample.conv, layer.downsample.bn)
-      w.program.append(dict(op="r18", name=n, stride=layer.conv3x3.stride,
-                            downsample=layer.downsample is not None,
-                            **{"in": c, "out": out}))
-    else:
-      raise ExportError(f"cannot export layer features.{i} ({type(layer).__name__})")
-    c = out
-  for gi, group in enumerate(model.mlp):
-    for j, block in enumerate(group):
-      n = f"mlp.{gi}.{j}"
-      g, cc = _fold_bn(block.bn)
-      convs = (("token_mlp", "short_mlp", "long_mlp")
-               if isinstance(block, blocks.LongShortRangeBlock) else ("token_mlp",))
-      for conv in convs:
-        w.binary_conv(f"{n}.{conv}", getattr(block, conv).kernel[...], g)
-      w.real_tensor(n + ".c", cc)
-      w.activation(n + ".act", block.act, g)
-      w.rprelu(n + ".rprelu", block.rprelu)
-      if isinstance(block, blocks.LongShortRangeBlock):
-        w.program.append(dict(op="lsr", name=n, shift_mode=block.shift_mode, **{"in": c}))
-      else:
-        w.program.append(dict(op="pw", name=n, **{"in": c}))
+  folds = fold_functions()
+  named = [(f"features.{i}", layer) for i, layer in enumerate(model.features)]
+  named += [(f"mlp.{gi}.{j}", block) for gi, group in enumerate(model.mlp)
+            for j, block in enumerate(group)]
+  c = model.spec.in_channels
+  for n, layer in named:
+    fold = folds.get(type(layer))
+    if fold is None:
+      raise ExportError(f"cannot export {n}: no fold function for {type(layer).__name__} "
+                        "(add one to export.fold_functions)")
+    c = fold(layer, n, c, w)
   w.real_tensor("head.kernel", (model.head.kernel[...] + model.head_dist.kernel[...]) / 2)
   w.real_tensor("head.bias", (model.head.bias[...] + model.head_dist.bias[...]) / 2)
-  w.program.append(dict(op="head", name="head", **{"in": c, "out": spec.num_classes}))
+  w.program.append(dict(op="head", name="head", **{"in": c, "out": model.spec.num_classes}))
 
 
 def _check_exportable(spec) -> None:
@@ -230,7 +255,7 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
                       "overwrite=True / --overwrite)")
   if os.path.isdir(out):
     raise ExportError(f"{out}: is a directory")
-  errors.check_writable(out, ExportError)
+  fileio.check_writable(out, ExportError)
   program, tensors = deploy_tensors(model, real_dtype)
   bad = errors.first_non_finite(tensors.items())
   if bad:
@@ -249,18 +274,8 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
     arrays[name] = np.asarray(x)
   header = _header(model.spec, program, real_dtype, source, preprocess)
   packed.validate(header, arrays, out)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  os.close(fd)
-  os.chmod(tmp, 0o666 & ~errors.current_umask())  # mkstemp makes 0600; honour the umask
-  try:
+  with fileio.replacing(out) as tmp:
     size = packed.write(tmp, header, arrays)
-    os.replace(tmp, out)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".wmask")))
   return {"path": out, "file_bytes": size, "binary_bytes": binary,
           "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,
@@ -343,5 +358,11 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+  """The `bcdnet-export` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

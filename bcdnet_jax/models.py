@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bcdnet_jax import binarize, blocks
-from bcdnet_jax.layers import (BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3)
+from bcdnet_jax.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
 
 BCDNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 1024)
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
@@ -24,9 +24,9 @@ REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512,
 
 COMPUTE_DTYPES = ("float32", "int8", "bfloat16", "auto")
 # Operand type of 'auto' per backend, from bench/train_step.py (README "Speed"): on CPU
-# int8 with int32 accumulation made the full-size training step 8 % faster than float32
-# (bfloat16 was slower); on an H100 int8 was +4 % at batch 128/256, -6 % at 64, with 60 %
-# more memory, and bfloat16 no faster, so GPUs keep float32.
+# int8 with int32 accumulation made the full-size training step 6 % faster than float32
+# (3.38 against 3.58 s; bfloat16 was slower); on an H100 int8 was +4 % at batch 128/256,
+# -6 % at 64, with 60 % more memory, and bfloat16 no faster, so GPUs keep float32.
 AUTO_COMPUTE_DTYPE = {"cpu": "int8", "gpu": "float32", "cuda": "float32", "rocm": "float32",
                       "tpu": "bfloat16"}
 
@@ -361,5 +361,3 @@ def count_params(model: nnx.Module) -> int:
   state = nnx.state(model, nnx.Param)
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
 
-
-MODEL_NAMES: Sequence[str] = tuple(PRESETS)

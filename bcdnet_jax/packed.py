@@ -24,17 +24,20 @@ prefix (a crop ratio, a stride, a weight) is detected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import struct
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bcdnet_jax import errors
+
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
 from bcdnet_jax.layers import conv as _conv
 from bcdnet_jax.layers import group_shift, long_range_shifts
@@ -43,7 +46,6 @@ MAGIC = b"BCDNETJX"
 VERSION = 2  # 2: the checksum covers the header too
 ALIGN = 64
 PATHS = ("packed", "int8", "float")
-OPS = ("stem", "basic", "lsr", "pw", "r18", "head")
 WORD = 32
 _CHUNK = 32  # words per step of the XNOR-popcount reduction
 
@@ -171,46 +173,134 @@ def _max_pool_3x3(x):
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
+def _run_stem(t, x, op, path, relu):
+  n, k = op["name"], op["kernel"]
+  x = _conv(x, t[n + ".kernel"], 2, k // 2) * t[n + ".scale"] + t[n + ".shift"]
+  return _max_pool_3x3(x) if op["max_pool"] else x
+
+
+def _run_basic(t, x, op, path, relu):
+  n = op["name"]
+  s, beta = _binarize(t, n + ".act1", x, relu)
+  a = _dot(t, n + ".conv3x3", s, path, 3, op["stride"], 1) + t[n + ".c1"] + beta
+  h = _rprelu(t, n + ".rprelu1", (_avg_pool_2x2(x) if op["stride"] == 2 else x) + a)
+  s, beta = _binarize(t, n + ".act2", h, relu)
+  y = _dot(t, n + ".pw", s, path) + t[n + ".c2"] + beta
+  return _rprelu(t, n + ".rprelu2", y + (jnp.concatenate([h, h], -1) if op["doubles"]
+                                         else h))
+
+
+def _run_lsr(t, x, op, path, relu):
+  n = op["name"]
+  s, beta = _binarize(t, n + ".act", x, relu)
+  lh, lw = long_range_shifts(op["shift_mode"], x.shape[1], x.shape[2])
+  y = (_dot(t, n + ".token_mlp", s, path)
+       + _dot(t, n + ".short_mlp", group_shift(s, 1, 1), path)
+       + _dot(t, n + ".long_mlp", group_shift(s, lh, lw), path))
+  return _rprelu(t, n + ".rprelu", y + t[n + ".c"] + beta + x)
+
+
+def _run_pw(t, x, op, path, relu):
+  n = op["name"]
+  s, beta = _binarize(t, n + ".act", x, relu)
+  return _rprelu(t, n + ".rprelu", _dot(t, n + ".token_mlp", s, path) + t[n + ".c"]
+                 + beta + x)
+
+
+def _run_r18(t, x, op, path, relu):
+  n = op["name"]
+  s, beta = _binarize(t, n + ".act", x, relu)
+  a = _dot(t, n + ".conv3x3", s, path, 3, op["stride"], 1) + t[n + ".c"] + beta
+  sc = x
+  if op["downsample"]:
+    sc = _avg_pool_2x2(x) if op["stride"] == 2 else x
+    sc = _conv(sc, t[n + ".down.kernel"], 1, 0) * t[n + ".down.scale"] + t[n + ".down.shift"]
+  return _rprelu(t, n + ".rprelu", a + sc)
+
+
+def _run_head(t, x, op, path, relu):
+  return jnp.mean(x, axis=(1, 2)) @ t[op["name"] + ".kernel"] + t[op["name"] + ".bias"]
+
+
+def _binary_site_tensors(n, sites):
+  """Tensor shapes of binary convs [(act or None, conv, k, cin, cout)]."""
+  out = {}
+  for act, conv, k, cin, cout in sites:
+    out[f"{n}.{conv}.bits"] = (cout, k * k * num_words(cin))
+    out[f"{n}.{conv}.k"] = (cout,)
+    if act:
+      out[f"{n}.{act}.threshold"] = (cin,)
+  return out
+
+
+def _rprelu_tensors(n, rprelus):
+  return {f"{n}.{r}.{leaf}": (w,) for r, w in rprelus
+          for leaf in ("shift_in", "slope", "shift_out")}
+
+
+def _affine_tensors(n, k, cin, cout):
+  return {n + ".kernel": (k, k, cin, cout), n + ".scale": (cout,), n + ".shift": (cout,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpKind:
+  """Everything the deploy runtime knows of one kind of program op.
+
+  `run(t, x, op, path, relu)` computes it; `out(op, c)` is its output width for input
+  width c; `tensors(op, c, o)` the tensors (name -> shape) it needs, which `validate`
+  checks; `check(op, c, o)` returns what is wrong with its parameters, if anything.
+  """
+  run: Callable
+  tensors: Callable
+  out: Callable = lambda op, c: op.get("out", c)
+  check: Callable = lambda op, c, o: None
+
+
+OPS: dict[str, OpKind] = {
+    "stem": OpKind(_run_stem, lambda op, c, o: _affine_tensors(op["name"], op["kernel"],
+                                                               op["in"], o)),
+    "basic": OpKind(
+        _run_basic,
+        lambda op, c, o: {**_binary_site_tensors(op["name"], [("act1", "conv3x3", 3, c, c),
+                                                              ("act2", "pw", 1, c, o)]),
+                          **_rprelu_tensors(op["name"], [("rprelu1", c), ("rprelu2", o)])},
+        check=lambda op, c, o: None if o in (c, 2 * c) else
+        f"a basic block goes from C to C or 2C, not {c} -> {o}"),
+    "lsr": OpKind(
+        _run_lsr,
+        lambda op, c, o: {**_binary_site_tensors(op["name"], [
+            ("act", "token_mlp", 1, c, c), (None, "short_mlp", 1, c, c),
+            (None, "long_mlp", 1, c, c)]), **_rprelu_tensors(op["name"], [("rprelu", c)])},
+        check=lambda op, c, o: None if c % 4 == 0 else
+        f"{c} channels are not divisible into 4 shift groups"),
+    "pw": OpKind(
+        _run_pw,
+        lambda op, c, o: {**_binary_site_tensors(op["name"], [("act", "token_mlp", 1, c, c)]),
+                          **_rprelu_tensors(op["name"], [("rprelu", c)])}),
+    "r18": OpKind(
+        _run_r18,
+        lambda op, c, o: {**_binary_site_tensors(op["name"], [("act", "conv3x3", 3, c, o)]),
+                          **_rprelu_tensors(op["name"], [("rprelu", o)]),
+                          **(_affine_tensors(op["name"] + ".down", 1, c, o)
+                             if op["downsample"] else {})}),
+    "head": OpKind(_run_head, lambda op, c, o: {op["name"] + ".kernel": (c, o),
+                                                op["name"] + ".bias": (o,)}),
+}
+
+
+def op_kind(op: dict) -> OpKind:
+  """The registry entry of a program op; an unknown kind is an error, never a no-op."""
+  kind = OPS.get(op.get("op"))
+  if kind is None:
+    raise ArtefactError(f"program op {op.get('name')!r}: unknown kind {op.get('op')!r}; "
+                        f"this runtime knows {sorted(OPS)}")
+  return kind
+
+
 def forward(program: list[dict], t: dict, x, path: str, relu: bool = False):
   """Logits of the program on normalised NHWC float32 images `x`."""
   for op in program:
-    n, kind = op["name"], op["op"]
-    if kind == "stem":
-      k = op["kernel"]
-      x = _conv(x, t[n + ".kernel"], 2, k // 2) * t[n + ".scale"] + t[n + ".shift"]
-      if op["max_pool"]:
-        x = _max_pool_3x3(x)
-    elif kind == "basic":
-      s, beta = _binarize(t, n + ".act1", x, relu)
-      a = _dot(t, n + ".conv3x3", s, path, 3, op["stride"], 1) + t[n + ".c1"] + beta
-      h = _rprelu(t, n + ".rprelu1", (_avg_pool_2x2(x) if op["stride"] == 2 else x) + a)
-      s, beta = _binarize(t, n + ".act2", h, relu)
-      y = _dot(t, n + ".pw", s, path) + t[n + ".c2"] + beta
-      x = _rprelu(t, n + ".rprelu2", y + (jnp.concatenate([h, h], -1)
-                                          if op["doubles"] else h))
-    elif kind == "lsr":
-      s, beta = _binarize(t, n + ".act", x, relu)
-      lh, lw = long_range_shifts(op["shift_mode"], x.shape[1], x.shape[2])
-      y = (_dot(t, n + ".token_mlp", s, path)
-           + _dot(t, n + ".short_mlp", group_shift(s, 1, 1), path)
-           + _dot(t, n + ".long_mlp", group_shift(s, lh, lw), path))
-      x = _rprelu(t, n + ".rprelu", y + t[n + ".c"] + beta + x)
-    elif kind == "pw":
-      s, beta = _binarize(t, n + ".act", x, relu)
-      x = _rprelu(t, n + ".rprelu", _dot(t, n + ".token_mlp", s, path) + t[n + ".c"]
-                  + beta + x)
-    elif kind == "r18":
-      s, beta = _binarize(t, n + ".act", x, relu)
-      a = _dot(t, n + ".conv3x3", s, path, 3, op["stride"], 1) + t[n + ".c"] + beta
-      if op["downsample"]:
-        sc = _avg_pool_2x2(x) if op["stride"] == 2 else x
-        sc = _conv(sc, t[n + ".down.kernel"], 1, 0) * t[n + ".down.scale"] + t[
-            n + ".down.shift"]
-      else:
-        sc = x
-      x = _rprelu(t, n + ".rprelu", a + sc)
-    elif kind == "head":
-      x = jnp.mean(x, axis=(1, 2)) @ t[n + ".kernel"] + t[n + ".bias"]
+    x = op_kind(op).run(t, x, op, path, relu)
   return x
 
 
@@ -345,48 +435,28 @@ def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
     kind, n = op.get("op"), op.get("name")
     at = f"{where}: program[{i}] ({kind} {n!r})"
     if kind not in OPS:
-      raise ArtefactError(f"{at}: unknown op; expected one of {OPS}")
-    if kind == "stem":
-      k, cin, c = op["kernel"], op["in"], op["out"]
-      _need(tensors, n + ".kernel", (k, k, cin, c), at)
-      _need(tensors, n + ".scale", (c,), at)
-      _need(tensors, n + ".shift", (c,), at)
-      continue
-    if c is None:
-      raise ArtefactError(f"{at}: the program must start with a stem")
-    if op.get("in", c) != c:
+      raise ArtefactError(f"{at}: unknown op; expected one of {sorted(OPS)}")
+    if (kind == "stem") != (i == 0):
+      raise ArtefactError(f"{at}: the program must start with a stem, and only there")
+    if kind != "stem" and op.get("in", c) != c:
       raise ArtefactError(f"{at}: takes {op['in']} channels, the previous op gives {c}")
+    c = op["in"] if kind == "stem" else c
+    o = OPS[kind].out(op, c)
+    for name, shape in OPS[kind].tensors(op, c, o).items():
+      _need(tensors, name, shape, at)
+      mask = name[:-len(".bits")] + ".wmask"
+      if name.endswith(".bits") and mask in tensors:
+        _need(tensors, mask, shape, at)
+    problem = OPS[kind].check(op, c, o)
+    if problem:
+      raise ArtefactError(f"{at}: {problem}")
     if kind == "head":
-      _need(tensors, n + ".kernel", (c, op["out"]), at)
-      _need(tensors, n + ".bias", (op["out"],), at)
       if i != len(program) - 1:
         raise ArtefactError(f"{at}: the head must be the last op")
-      if op["out"] != header.get("spec", {}).get("num_classes"):
-        raise ArtefactError(f"{at}: head has {op['out']} classes, the spec says "
+      if o != header.get("spec", {}).get("num_classes"):
+        raise ArtefactError(f"{at}: head has {o} classes, the spec says "
                             f"{header.get('spec', {}).get('num_classes')}")
       return
-    o = op.get("out", c)
-    sites = {"basic": [("act1", "conv3x3", 3, c, c), ("act2", "pw", 1, c, o)],
-             "lsr": [("act", "token_mlp", 1, c, c), (None, "short_mlp", 1, c, c),
-                     (None, "long_mlp", 1, c, c)],
-             "pw": [("act", "token_mlp", 1, c, c)],
-             "r18": [("act", "conv3x3", 3, c, o)]}[kind]
-    for act, conv, k, cin, cout in sites:
-      _need(tensors, f"{n}.{conv}.bits", (cout, k * k * num_words(cin)), at)
-      _need(tensors, f"{n}.{conv}.k", (cout,), at)
-      if f"{n}.{conv}.wmask" in tensors:
-        _need(tensors, f"{n}.{conv}.wmask", (cout, k * k * num_words(cin)), at)
-      if act:
-        _need(tensors, f"{n}.{act}.threshold", (cin,), at)
-    rp = {"basic": [("rprelu1", c), ("rprelu2", o)], "r18": [("rprelu", o)]}.get(
-        kind, [("rprelu", c)])
-    for r, w in rp:
-      for leaf in ("shift_in", "slope", "shift_out"):
-        _need(tensors, f"{n}.{r}.{leaf}", (w,), at)
-    if kind == "basic" and o not in (c, 2 * c):
-      raise ArtefactError(f"{at}: a basic block goes from C to C or 2C, not {c} -> {o}")
-    if kind in ("lsr",) and c % 4:
-      raise ArtefactError(f"{at}: {c} channels are not divisible into 4 shift groups")
     c = o
   raise ArtefactError(f"{where}: the program does not end with a head")
 
@@ -486,8 +556,3 @@ def _zero_weight_correction(conv: str, wmask, out_features: int, in_features: in
   return {conv + ".zero_kernel": jnp.asarray(kernel),
           conv + ".zero_channels": jnp.asarray(channels.astype(np.int32))}
 
-
-def load(path: str) -> DeployModel:
-  """Reads, verifies and wraps an artefact written by `bcdnet_jax.export`."""
-  header, tensors = read(path)
-  return DeployModel(header, tensors, path)

@@ -111,5 +111,11 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+  """The `bcdnet-predict` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -188,5 +188,11 @@ def main(argv=None):
   return 0
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+  """The `bcdnet-summary` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

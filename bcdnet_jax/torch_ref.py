@@ -10,8 +10,8 @@ torchvision ResNet-50 teacher; needs only torch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from bcdnet_jax import models
 

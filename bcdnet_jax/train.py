@@ -25,9 +25,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcdnet_jax import checkpoint, errors, models, preprocessing
+from bcdnet_jax import checkpoint, errors, fileio, models, preprocessing, runtime
 
 # `bcdnet_jax.data` (TensorFlow) is imported inside the functions that build pipelines, so
 # the steps, losses and optimiser work where TensorFlow is not installed (bench/ on GPUs).
@@ -83,10 +82,10 @@ def validate_config(config, num_devices: int) -> None:
   need(0 < config.eval_crop_ratio <= 1, "eval_crop_ratio",
        f"must be in (0, 1] (224/256 resizes to 256 and crops 224), got "
        f"{config.eval_crop_ratio!r}")
-  need(config.get("data_sharding", "global_stream") in DATA_SHARDINGS, "data_sharding",
-       f"{config.get('data_sharding')!r} is not one of {DATA_SHARDINGS}")
-  need(config.model.get("compute_dtype", "auto") in models.COMPUTE_DTYPES,
-       "model.compute_dtype", f"{config.model.get('compute_dtype')!r} is not one of "
+  need(config.data_sharding in DATA_SHARDINGS, "data_sharding",
+       f"{config.data_sharding!r} is not one of {DATA_SHARDINGS}")
+  need(config.model.compute_dtype in models.COMPUTE_DTYPES,
+       "model.compute_dtype", f"{config.model.compute_dtype!r} is not one of "
        f"{models.COMPUTE_DTYPES}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     need(config[field] >= 0, field, "must be >= 0")
@@ -163,8 +162,9 @@ def distillation_loss(student_logits, teacher_logits):
 
 # --- the steps ------------------------------------------------------------------------------
 
-def make_steps(train_graphdef, eval_graphdef, tx, config, teacher_graphdef=None):
-  """The jittable train_step(state, batch, teacher_state) and eval_step(state, batch)."""
+def make_train_step(train_graphdef, tx, config, teacher_graphdef=None):
+  """train_step(state, batch, teacher_state) -> (state, metrics): the released loss,
+  (label-smoothed CE on `fc` + KD from the teacher, or CE, on `fc_dist`) / 2, and AdamW."""
   smoothing = config.label_smoothing
 
   def train_step(state, batch, teacher_state):
@@ -194,34 +194,10 @@ def make_steps(train_graphdef, eval_graphdef, tx, config, teacher_graphdef=None)
                "accuracy_dist": jnp.mean(jnp.argmax(logits_dist, -1) == labels)}
     return new_state, metrics
 
-  def eval_step(state, batch):
-    model = nnx.merge(eval_graphdef, state["params"], state["batch_stats"], copy=True)
-    logits = model(batch["image"])
-    labels, mask = batch["labels"], batch["mask"]  # multi-hot label sets
-    scored = mask * (jnp.sum(labels, -1) > 0)  # ReaL: images without labels excluded
-    pred = jnp.argmax(logits, -1)
-    top1 = jnp.take_along_axis(labels, pred[:, None], -1)[:, 0]
-    top5 = jnp.max(jnp.take_along_axis(
-        labels, jax.lax.top_k(logits, min(5, logits.shape[-1]))[1], -1), -1)
-    return {"top1": jnp.sum(top1 * scored), "top5": jnp.sum(top5 * scored),
-            "count": jnp.sum(mask), "scored": jnp.sum(scored)}, pred
-
-  return train_step, eval_step
+  return train_step
 
 
 # --- state ----------------------------------------------------------------------------------
-
-def compiler_options() -> dict | None:
-  """XLA options for the training and evaluation programs on this backend.
-
-  On CPU, XLA's concurrency-optimised scheduler runs independent ops side by side, each
-  with the whole thread pool: the training step measured 5-10% faster without it
-  (bench/train_step.py, bcdnet_a batch 8). Other backends keep their defaults.
-  """
-  if jax.default_backend() == "cpu":
-    return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-  return None
-
 
 def split_model(model):
   """(train graphdef, eval graphdef, params, batch_stats) of an nnx model."""
@@ -287,7 +263,8 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _data_config(config) -> data.DataConfig:
+def _data_config(config):
+  """The data pipeline's view of a config (`data.DataConfig`)."""
   from bcdnet_jax import data
   return data.DataConfig(
       dataset=config.dataset, data_dir=config.data_dir or None,
@@ -295,15 +272,10 @@ def _data_config(config) -> data.DataConfig:
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
       color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
       random_flip=config.random_flip, shuffle_buffer=config.shuffle_buffer,
-      exact_resize_train=config.get("exact_resize_train", False), seed=config.seed,
-      sharding=config.get("data_sharding", "global_stream"))
+      exact_resize_train=config.exact_resize_train, seed=config.seed,
+      sharding=config.data_sharding)
 
 
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
 
 
 class _Writer:
@@ -346,7 +318,7 @@ def resolve_num_classes(config, builder) -> int:
 def _model_spec(config, num_classes):
   try:
     overrides = dict(config.model.overrides)
-    overrides.setdefault("compute_dtype", config.model.get("compute_dtype", "float32"))
+    overrides.setdefault("compute_dtype", config.model.compute_dtype)
     return models.get_spec(config.model.name, stage=config.model.stage,
                            num_classes=num_classes, **overrides)
   except ValueError as e:
@@ -356,7 +328,7 @@ def _model_spec(config, num_classes):
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         cli_overrides: set[str] | frozenset = frozenset()) -> dict:
   """main.py's entry point: `config.mode` 'train' (train, then evaluate) or 'eval'."""
-  mode = config.get("mode", "train")
+  mode = config.mode
   if mode not in MODES:
     raise ConfigError(f"config.mode: {mode!r} is not one of {MODES}")
   if mode == "eval":
@@ -364,21 +336,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   return train_and_evaluate(config, workdir, cli_overrides=cli_overrides)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       step_hook: Callable[[int], Any] | None = None,
-                       return_params: bool = False,
-                       cli_overrides: set[str] | frozenset = frozenset()) -> dict:
-  """Trains (resuming from the latest checkpoint in `workdir`), evaluates, returns results.
+@dataclasses.dataclass
+class _Plan:
+  """What a training run needs, checked before anything is written or compiled."""
+  builder: Any
+  spec: models.ModelSpec
+  total_steps: int
+  init_params: Any = None
+  teacher: Any = None
 
-  Runs with a `pipeline` (the digits demo) go through each stage in its own subdirectory.
-  `return_params` adds the final parameters (host arrays) under "params".
-  """
+
+def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
+  """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   from bcdnet_jax import data
-  if config.get("pipeline"):
-    return _run_pipeline(config, workdir, step_hook, cli_overrides)
-  start_time = time.time()
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  validate_config(config, mesh.size)
+  validate_config(config, rt.size)
   builder = data.get_builder(config.dataset, config.data_dir or None)
   num_classes = resolve_num_classes(config, builder)
   spec = _model_spec(config, num_classes)
@@ -386,149 +357,131 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir_model(workdir, spec)
   train_size = data.split_size(builder, config.train_split)
   data.split_size(builder, config.eval_split)
-  if config.dataset.startswith("folder:") or config.get("check_images", False):
+  if config.dataset.startswith("folder:") or config.check_images:
     # A bad validation image would only show after training: look before.
     data.check_images(builder, config.eval_split, config.dataset)
-  if config.get("check_images", False):
+  if config.check_images:
     data.check_images(builder, config.train_split, config.dataset)
   steps_per_epoch = max(1, train_size // config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  init_params = None
+  plan = _Plan(builder, spec, total_steps)
   if config.init_from:
-    init_params = load_init_from(config.init_from, spec)  # before writing anything
-  teacher = None
+    plan.init_params = load_init_from(config.init_from, spec)
   if config.teacher_dir:
-    teacher = checkpoint.restore_model(config.teacher_dir)
-    if teacher.spec.num_classes != num_classes:
-      raise ConfigError(f"config.teacher_dir: teacher has {teacher.spec.num_classes} "
+    plan.teacher = checkpoint.restore_model(config.teacher_dir, rt)
+    if plan.teacher.spec.num_classes != num_classes:
+      raise ConfigError(f"config.teacher_dir: teacher has {plan.teacher.spec.num_classes} "
                         f"classes, the dataset {num_classes}")
+  return plan
 
+
+def write_run_records(config, workdir: str, spec: models.ModelSpec) -> None:
+  """config.json (resolved) and model.json (architecture + evaluation preprocessing)."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    _write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
-                {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json(),
-                 "preprocessing": preprocessing.from_config(config)})
+    fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    fileio.write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
+                      {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json(),
+                       "preprocessing": preprocessing.from_config(config)})
 
-  model = models.build(spec, seed=config.seed)
+
+def create_train_state(config, plan: _Plan):
+  """(state, tx, schedule, train graphdef, eval graphdef) of a fresh run (`init_from`
+  weights when given): params, BN statistics, AdamW state and the step."""
+  model = models.build(plan.spec, seed=config.seed)
   train_def, eval_def, params, batch_stats = split_model(model)
-  if init_params is not None:
-    params, batch_stats = init_params
-  tx, schedule = make_optimizer(config, total_steps)
+  if plan.init_params is not None:
+    params, batch_stats = plan.init_params
+  tx, schedule = make_optimizer(config, plan.total_steps)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
+  return state, tx, schedule, train_def, eval_def
 
-  repl = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  manager = ocp.CheckpointManager(
+
+def open_checkpoints(config, workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
       item_names=("state", "model", "meta"))
-  start_step = 0
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                          state)
+
+
+def restore_or_start(manager, state, rt: runtime.Runtime, workdir: str):
+  """(state, first step): the newest intact checkpoint's, or the fresh state at 0."""
+  abstract = rt.abstract_replicated(state)
   found = checkpoint.restore_intact(manager, lambda step: manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                     meta=ocp.args.JsonRestore())), log)
-  if found is not None:
-    state, start_step = found[1]["state"], int(found[1]["meta"]["step"])
-    log.info("resumed from %s at step %d", manager.directory, start_step)
-    _set_aside_damaged(manager, found[0], workdir)
-  state = jax.device_put(state, repl)
+  if found is None:
+    return rt.replicate(state), 0
+  step, restored = found
+  log.info("resumed from %s at step %d", manager.directory, int(restored["meta"]["step"]))
+  _set_aside_damaged(manager, step, workdir)
+  return rt.replicate(restored["state"]), int(restored["meta"]["step"])
 
+
+def save_checkpoint(manager, state, step: int, spec: models.ModelSpec) -> None:
+  """The training state, the "model" item (what restore_model reads: weights and BN
+  statistics in a model directory's layout, on any topology) and the step; then the
+  checksum record."""
+  _check_finite(state, step, manager)
+  model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
+                                     nnx.to_pure_dict(state["batch_stats"]))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
+      meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
+                              "spec": spec.to_json()})), force=True)
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    checkpoint.record_step_digests(str(manager.directory), step)
+
+
+def due(step: int, every: int) -> bool:
+  """Whether a cadence of `every` steps (0: never) falls on `step`."""
+  return bool(every) and step % every == 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], Any] | None = None,
+                       return_params: bool = False,
+                       cli_overrides: set[str] | frozenset = frozenset()) -> dict:
+  """Trains (resuming from the newest intact checkpoint in `workdir`), evaluates, returns
+  the results. Runs with a `pipeline` (the digits demo) go through each stage in its own
+  subdirectory. `return_params` adds the final parameters (host arrays) as "params"."""
+  from bcdnet_jax import data
+  if config.pipeline:
+    return _run_pipeline(config, workdir, step_hook, cli_overrides)
+  start_time = time.time()
+  rt = runtime.Runtime.create()
+  plan = plan_run(config, workdir, rt)
+  write_run_records(config, workdir, plan.spec)
+  state, tx, schedule, train_def, eval_def = create_train_state(config, plan)
+  manager = open_checkpoints(config, workdir)
+  state, start_step = restore_or_start(manager, state, rt, workdir)
   teacher_def = teacher_state = None
-  if teacher is not None:
-    teacher.eval()
-    teacher_def, teacher_state = nnx.split(teacher)
-    teacher_state = jax.device_put(teacher_state, repl)
-  train_step, eval_step = make_steps(train_def, eval_def, tx, config, teacher_def)
-  p_train = jax.jit(train_step, in_shardings=(repl, batch_sharding, repl),
-                    out_shardings=(repl, repl), donate_argnums=(0,),
-                    compiler_options=compiler_options())
-  p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sharding),
-                   out_shardings=(repl, batch_sharding), compiler_options=compiler_options())
-
+  if plan.teacher is not None:
+    plan.teacher.eval()
+    teacher_def, teacher_state = nnx.split(plan.teacher)
+    teacher_state = rt.replicate(teacher_state)
+  p_train = rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def))
+  p_eval = rt.jit_eval_step(eval_def)
   dcfg = _data_config(config)
-  local_batch = config.batch_size // jax.process_count()
-  train_iter = iter(data.train_dataset(builder, dcfg, local_batch, start_batch=start_step,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()).as_numpy_iterator())
+  train_iter = iter(data.train_dataset(
+      plan.builder, dcfg, config.batch_size // jax.process_count(), start_batch=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator())
 
-  def global_batch(host_batch):
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-                        host_batch)
-
-  def save(step):
-    # "model" holds what restore_model needs (weights + BN statistics) in the layout of
-    # a model directory, readable on any topology without the optimiser's structure.
-    model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
-                                       nnx.to_pure_dict(state["batch_stats"]))
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
-        meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
-                                "spec": spec.to_json()})), force=True)
-    manager.wait_until_finished()
-    if jax.process_index() == 0:
-      checkpoint.record_step_digests(str(manager.directory), step)
-
-  def evaluate_now():
-    return run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size,
-                          global_batch)
+  def evaluate_now(state):
+    return run_evaluation(p_eval, state, plan.builder, dcfg, config.eval_batch_size, rt)
 
   writer = _Writer(workdir)
-  step = start_step
-  last_log_time, last_log_step = time.time(), step
-  eval_result = None
-  if jax.process_index() == 0 and step < total_steps:
-    log.info("compiling the training step (the first step includes it)...")
   try:
-    with _Preemption() as preempt:
-      while step < total_steps:
-        batch = global_batch(_next_batch(train_iter, builder, config))
-        state, metrics = p_train(state, batch, teacher_state)
-        step += 1
-        if step == start_step + 1:  # the ETA counts steps after compilation only
-          jax.block_until_ready(metrics)
-          if jax.process_index() == 0:
-            log.info("first step done after %.1f s (compilation)", time.time() - last_log_time)
-          last_log_time, last_log_step = time.time(), step
-        if step_hook is not None:
-          step_hook(step)
-        is_last = step == total_steps
-        if config.log_every_steps and (step % config.log_every_steps == 0 or is_last):
-          m = jax.device_get(metrics)
-          if not all(np.isfinite(v) for v in m.values()):
-            raise TrainingDiverged(
-                f"non-finite loss at step {step}: {m}; the last good checkpoint "
-                f"(step {manager.latest_step()}) is kept in {manager.directory}")
-          now = time.time()
-          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-          eta = (total_steps - step) / rate if rate > 0 else float("nan")
-          m.update(learning_rate=float(schedule(step - 1)), steps_per_s=rate,
-                   images_per_s=rate * config.batch_size)
-          writer.scalars(step, m)
-          if jax.process_index() == 0:
-            log.info("step %d/%d loss %.4f acc %.3f/%.3f lr %.3g %.2f steps/s "
-                     "%.0f img/s ETA %s", step, total_steps, m["loss"], m["accuracy"],
-                     m["accuracy_dist"], m["learning_rate"], rate, rate * config.batch_size,
-                     _fmt_eta(eta))
-          last_log_time, last_log_step = now, step
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-          eval_result = evaluate_now()
-          writer.scalars(step, {"eval_top1": eval_result["top1"],
-                                "eval_top5": eval_result["top5"]})
-        want_ckpt = (config.checkpoint_every_steps and
-                     step % config.checkpoint_every_steps == 0)
-        stop = preempt.agreed()  # every process stops at the same step, or none does
-        if want_ckpt or is_last or stop:
-          _check_finite(state, step, manager)
-          save(step)
-        if stop and not is_last:
-          log.warning("preempted at step %d; resume by running the same command", step)
-          return {"preempted": True, "steps": step}
-    eval_result = evaluate_now()
+    state, step, stopped = _train_loop(
+        config, rt, plan, state, start_step, p_train, teacher_state, train_iter, manager,
+        writer, schedule, evaluate_now, step_hook)
+    if stopped:
+      return {"preempted": True, "steps": step}
+    eval_result = evaluate_now(state)
     writer.scalars(step, {"eval_top1": eval_result["top1"], "eval_top5": eval_result["top5"]})
   finally:
     writer.close()
@@ -539,12 +492,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "stage": config.model.stage, "dataset": config.dataset,
              "eval_split": config.eval_split}
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "results.json"), results)
+    fileio.write_json(os.path.join(workdir, "results.json"), results)
     log.info("final: top-1 %.4f top-5 %.4f on %d examples", results["top1"],
              results["top5"], results["num_eval_examples"])
   if return_params:
     results["params"] = jax.device_get(state["params"])
   return results
+
+
+def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter, manager,
+                writer, schedule, evaluate_now, step_hook):
+  """Steps until `plan.total_steps` or an agreed stop request: logs (with the ETA after
+  compilation), evaluates and checkpoints on their cadences. Returns (state, step,
+  stopped early)."""
+  start_step, total = step, plan.total_steps
+  last_time, last_step = time.time(), step
+  if jax.process_index() == 0 and step < total:
+    log.info("compiling the training step (the first step includes it)...")
+  with _Preemption() as preempt:
+    while step < total:
+      batch = rt.global_batch(_next_batch(train_iter, plan.builder, config))
+      state, metrics = p_train(state, batch, teacher_state)
+      step += 1
+      if step == start_step + 1:  # the ETA counts steps after compilation only
+        jax.block_until_ready(metrics)
+        if jax.process_index() == 0:
+          log.info("first step done after %.1f s (compilation)", time.time() - last_time)
+        last_time, last_step = time.time(), step
+      if step_hook is not None:
+        step_hook(step)
+      is_last = step == total
+      if due(step, config.log_every_steps) or (is_last and config.log_every_steps):
+        last_time, last_step = _log_progress(config, writer, metrics, schedule, step, total,
+                                             last_time, last_step, manager)
+      if due(step, config.eval_every_steps) and not is_last:
+        r = evaluate_now(state)
+        writer.scalars(step, {"eval_top1": r["top1"], "eval_top5": r["top5"]})
+      stop = preempt.agreed()  # every process stops at the same step, or none does
+      if due(step, config.checkpoint_every_steps) or is_last or stop:
+        save_checkpoint(manager, state, step, plan.spec)
+      if stop and not is_last:
+        log.warning("preempted at step %d; resume by running the same command", step)
+        return state, step, True
+  return state, step, False
+
+
+def _log_progress(config, writer, metrics, schedule, step, total, last_time, last_step,
+                  manager):
+  """One progress line and its scalars; a non-finite loss stops the run."""
+  m = jax.device_get(metrics)
+  if not all(np.isfinite(v) for v in m.values()):
+    raise TrainingDiverged(
+        f"non-finite loss at step {step}: {m}; the last good checkpoint "
+        f"(step {manager.latest_step()}) is kept in {manager.directory}")
+  now = time.time()
+  rate = (step - last_step) / max(now - last_time, 1e-9)
+  eta = (total - step) / rate if rate > 0 else float("nan")
+  m.update(learning_rate=float(schedule(step - 1)), steps_per_s=rate,
+           images_per_s=rate * config.batch_size)
+  writer.scalars(step, m)
+  if jax.process_index() == 0:
+    log.info("step %d/%d loss %.4f acc %.3f/%.3f lr %.3g %.2f steps/s %.0f img/s ETA %s",
+             step, total, m["loss"], m["accuracy"], m["accuracy_dist"], m["learning_rate"],
+             rate, rate * config.batch_size, _fmt_eta(eta))
+  return now, step
 
 
 def _check_finite(state, step, manager):
@@ -591,7 +602,7 @@ def _fmt_eta(seconds):
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
+def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, rt: runtime.Runtime,
                    return_predictions=False) -> dict:
   """Top-1/top-5 over the whole eval split; checks every example counted once."""
   from bcdnet_jax import data
@@ -602,7 +613,7 @@ def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, global_batch,
   sums = {"top1": 0.0, "top5": 0.0, "count": 0.0, "scored": 0.0}
   preds = []
   for host_batch in ds.as_numpy_iterator():
-    out, pred = p_eval(state, global_batch(host_batch))
+    out, pred = p_eval(state, rt.global_batch(host_batch))
     out = jax.device_get(out)
     for k in sums:
       sums[k] += float(out[k])
@@ -625,7 +636,7 @@ def eval_entries(config) -> list[tuple[str, str]]:
   """(TFDS name, split) of each set to evaluate: `config.eval_datasets` (comma-separated
   'name[:split]'), else `config.dataset` on `config.eval_split`."""
   from bcdnet_jax import data
-  listed = [e for e in str(config.get("eval_datasets", "") or "").split(",") if e.strip()]
+  listed = [e for e in str(config.eval_datasets or "").split(",") if e.strip()]
   if not listed:
     return [(config.dataset, config.eval_split)]
   return [data.parse_eval_dataset(e, config.eval_split) for e in listed]
@@ -637,14 +648,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `eval_entries(config)`; the first set's numbers are also the top-level ones."""
   from bcdnet_jax import data
   start = time.time()
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rt = runtime.Runtime.create()
   if not config.checkpoint:
     raise ConfigError("config.checkpoint: set it to a model directory (convert_torch_ckpt.py "
                       "output) or a training workdir")
-  if config.eval_batch_size <= 0 or config.eval_batch_size % mesh.size:
+  if config.eval_batch_size <= 0 or config.eval_batch_size % rt.size:
     raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
-                      f"and divisible by the {mesh.size} devices")
-  model = checkpoint.restore_model(config.checkpoint)
+                      f"and divisible by the {rt.size} devices")
+  model = checkpoint.restore_model(config.checkpoint, rt)
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)
@@ -657,16 +668,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         f"classes, dataset {name!r} has {n}")
     data.split_size(builder, split)
   _, eval_def, params, batch_stats = split_model(model)
-  repl = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  state = jax.device_put({"params": params, "batch_stats": batch_stats}, repl)
-  _, eval_step = make_steps(eval_def, eval_def, None, config)
-  p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sharding),
-                   out_shardings=(repl, batch_sharding), compiler_options=compiler_options())
-
-  def global_batch(host_batch):
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-                        host_batch)
+  state = rt.replicate({"params": params, "batch_stats": batch_stats})
+  p_eval = rt.jit_eval_step(eval_def)
 
   per_set = {}
   for (name, split), builder in zip(entries, builders):
@@ -674,7 +677,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _data_config(config), dataset=name, eval_split=split, image_size=pre["image_size"],
         eval_crop_ratio=pre["crop_ratio"], mean_rgb=tuple(pre["mean_rgb"]),
         stddev_rgb=tuple(pre["stddev_rgb"]))
-    r = run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size, global_batch,
+    r = run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size, rt,
                        return_predictions)
     per_set[f"{name}:{split}"] = r
     if jax.process_index() == 0:
@@ -688,8 +691,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           for k, v in per_set.items()})
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    _write_json(os.path.join(workdir, "results.json"),
+    fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    fileio.write_json(os.path.join(workdir, "results.json"),
                 {k: v for k, v in result.items() if k != "predictions"})
   return result
 
@@ -734,6 +737,6 @@ def _run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
   final = dict(results[name])
   final.update(wall_time_s=time.time() - start, stages=results)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "results.json"), final)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    fileio.write_json(os.path.join(workdir, "results.json"), final)
+    fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   return final

@@ -14,7 +14,6 @@ Cores an 8-GPU node needs = 8 x (per-GPU training images/s) / (images/s per core
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

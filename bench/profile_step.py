@@ -7,7 +7,7 @@ copies. Times are summed per op over the traced steps and divided by their numbe
 XLA runs side by side overlap, so the sum can exceed the step's wall time.
 
   python bench/profile_step.py --arch bcdnet_a --batch 8 --image_size 224 --top 30
-  python bench/profile_step.py ... --trace_dir /tmp/trace    # keep the trace for Perfetto / TensorBoard
+  python bench/profile_step.py ... --trace_dir /tmp/trace  # keep the trace (Perfetto, TensorBoard)
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ def main(argv=None):
   if "xprof_traceme" not in flags:  # per-op trace events on XLA:CPU
     os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_enable_xprof_traceme=true").strip()
   import jax
-
   import train_step
   run, step, holder, batch, teacher_state, _ = train_step.jax_setup(train_step.parse([
       "--arch", a.arch, "--stage", str(a.stage), "--batch", str(a.batch),
@@ -117,8 +116,8 @@ def main(argv=None):
   print("\n| category | ms per step | share |\n|---|---|---|")
   for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
     print(f"| {cat} | {ms:.1f} | {ms / total:.0%} |")
-  print(f"\n| op (kind, output shape) | category | calls per step | ms per step |\n"
-        f"|---|---|---|---|")
+  print("\n| op (kind, output shape) | category | calls per step | ms per step |\n"
+        "|---|---|---|---|")
   top = sorted(by_op.items(), key=lambda kv: -kv[1])[:a.top]
   for (cat, kind, shape), ms in top:
     print(f"| {kind} {shape} | {cat} | {count[(cat, kind, shape)] // a.steps} | {ms:.1f} |")

@@ -50,7 +50,7 @@ def jax_setup(a):
   import numpy as np
   from flax import nnx
 
-  from bcdnet_jax import models, train
+  from bcdnet_jax import models, runtime, train
   from configs import default
 
   cfg = default.get_config()
@@ -64,8 +64,8 @@ def jax_setup(a):
     teacher = models.create_model("resnet50", num_classes=a.num_classes)
     teacher.eval()
     teacher_def, teacher_state = nnx.split(teacher)
-  step_fn, _ = train.make_steps(train_def, eval_def, tx, cfg, teacher_def)
-  step = jax.jit(step_fn, donate_argnums=0, compiler_options=train.compiler_options())
+  step_fn = train.make_train_step(train_def, tx, cfg, teacher_def)
+  step = jax.jit(step_fn, donate_argnums=0, compiler_options=runtime.compiler_options())
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jax.numpy.zeros((), jax.numpy.int32)}
   rng = np.random.default_rng(0)

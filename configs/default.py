@@ -56,6 +56,9 @@ def get_config():
   c.init_from = ""  # model directory or workdir whose weights start this run
   c.checkpoint = ""  # evaluation mode: what to evaluate
   c.mode = "train"  # "train" or "eval"
+  # evaluation mode: comma-separated TFDS names[:split] to evaluate on ("" = dataset on
+  # eval_split), e.g. imagenet2012,imagenet_v2,imagenet2012_real (see configs/eval.py)
+  c.eval_datasets = ""
   c.pipeline = ml_collections.ConfigDict()  # stage name -> overrides, run in order
 
   c.seed = 0

@@ -14,7 +14,6 @@ def get_config():
   c = default.get_config()
   c.mode = "eval"
   c.eval_batch_size = 250
-  c.eval_datasets = ""  # empty: config.dataset on config.eval_split
   # 0: the preprocessing recorded with the model (its model.json); a value overrides it
   c.image_size = 0
   c.eval_crop_ratio = 0.0

@@ -29,6 +29,15 @@ def nhwc(x):
 
 
 @pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """A TFDS data_dir with the digits data set prepared, once per session."""
+  from bcdnet_jax import data
+  d = str(tmp_path_factory.mktemp("tfds"))
+  data.get_builder("digits", d)
+  return d
+
+
+@pytest.fixture(scope="session")
 def converted():
   """name -> (model, numpy state dict) for both fixtures, converted once per session."""
   from bcdnet_jax import convert

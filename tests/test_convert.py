@@ -10,8 +10,9 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from bcdnet_jax import checkpoint, convert, models, torch_ref  # noqa: E402
 from conftest import STAGES, TINY_CHANNELS, fixture_ckpt, fixture_expected, nhwc, tiny_spec  # noqa: E402
+
+from bcdnet_jax import checkpoint, convert, models, torch_ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OVERRIDE = "channels=" + str(TINY_CHANNELS).replace(" ", "")
@@ -179,7 +180,7 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
   (out / "keep.txt").write_text("mine")
   rc = convert.main(["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
                      "--num_classes", "10", "--override", TINY_OVERRIDE, "--out", str(out)])
-  assert rc == 1
+  assert rc == 2
   assert "refusing to overwrite" in capsys.readouterr().err
   assert (out / "keep.txt").read_text() == "mine" and os.listdir(out) == ["keep.txt"]
 

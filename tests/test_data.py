@@ -2,16 +2,8 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from bcdnet_jax import data
-
-
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds"))
-  data.get_builder("digits", d)
-  return d
 
 
 def cfg(**kw):

@@ -11,19 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcdnet_jax import checkpoint, data, distributed
+from bcdnet_jax import checkpoint, distributed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "helpers", "train_worker.py")
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds_dist"))
-  data.get_builder("digits", d)
-  return d
 
 
 def launch(workdir, data_dir, steps, devices, *args, env_extra=None):
@@ -53,8 +46,10 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
   (started through the SLURM detection) give the same losses and parameters: BN and the
   loss are over the global batch whatever the sharding."""
   import json
+
+  from helpers.configs import small_config
+
   from bcdnet_jax import train
-  from test_train import small_config
   job = str(random.randint(10_000, 99_999))
   runs = {n: str(tmp_path / n) for n in ("one", "eight", "four", "multi")}
   procs = [launch(runs["multi"], digits_dir, 4, 2, env_extra={
@@ -74,8 +69,8 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
   assert "PROCESSES 1 DEVICES 4" in outs[2][1] and "PROCESSES 1 DEVICES 8" in outs[3][1]
 
   def losses(wd):
-    return [json.loads(l)["loss"] for l in open(os.path.join(wd, "metrics.jsonl"))
-            if '"loss"' in l]
+    return [json.loads(line)["loss"] for line in open(os.path.join(wd, "metrics.jsonl"))
+            if '"loss"' in line]
 
   assert len(losses(runs["one"])) == 4
   for name in ("eight", "four", "multi"):

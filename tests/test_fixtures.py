@@ -8,10 +8,10 @@ statistics within 1e-6 (seen: exact). Each test prints the largest difference it
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import STAGES, fixture_expected, nhwc
 from flax import nnx
 
 from bcdnet_jax import convert
-from conftest import STAGES, fixture_expected, nhwc
 
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -78,8 +78,9 @@ def test_train_logits_gradients_and_bn_statistics(converted, name):
 def test_torch_reference_reproduces_fixtures(name):
   """Our torch reference loads the released format strictly and computes the same."""
   torch = pytest.importorskip("torch")
-  from bcdnet_jax import torch_ref
   from conftest import fixture_ckpt, tiny_spec
+
+  from bcdnet_jax import torch_ref
   e = fixture_expected(name)
   ref = torch_ref.build(tiny_spec(STAGES[name]))
   raw = torch.load(fixture_ckpt(name), map_location="cpu", weights_only=True)["model"]

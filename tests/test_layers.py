@@ -17,7 +17,8 @@ def test_batchnorm_matches_torch_semantics():
   mean = x.mean(axis=(0, 1, 2))
   var_b = x.var(axis=(0, 1, 2))  # biased: used to normalise
   n = 4 * 5 * 5
-  expected = (x - mean) / np.sqrt(var_b + 1e-5) * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+  expected = ((x - mean) / np.sqrt(var_b + 1e-5) * np.asarray(bn.scale[...])
+              + np.asarray(bn.bias[...]))
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
   # running statistics: momentum 0.1, running_var updated with the UNBIASED variance
   np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.1 * mean, rtol=1e-5)

@@ -1,11 +1,10 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CHANNELS
 from flax import nnx
 
 from bcdnet_jax import models
-from conftest import TINY_CHANNELS
 
 forward = nnx.jit(lambda m, x: m(x))
 

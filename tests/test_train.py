@@ -14,40 +14,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers.configs import small_config
 
 from bcdnet_jax import checkpoint, convert, data, models, train
-from configs import default, stage1, stage2
+from configs import stage1, stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds_train"))
-  data.get_builder("digits", d)
-  return d
-
-
-def small_config(data_dir, *, tiny=True, **kw):
-  c = default.get_config()
-  c.dataset, c.data_dir = "digits", data_dir
-  c.train_split, c.eval_split = "train", "test"
-  c.image_size, c.eval_crop_ratio = 16, 1.0
-  c.model.name, c.model.stage = "bcdnet_a", 2
-  c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 16), mlp_groups=1))
-  if tiny:  # one basic block and a two-block MLP group: quick to compile
-    c.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16), mlp_groups=1,
-                                                       mlp_group=("lsr", "pw")))
-  c.batch_size = c.base_batch_size = 16
-  c.eval_batch_size = 120
-  c.num_train_steps = 6
-  c.learning_rate = 2e-3
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 3
-  c.shuffle_buffer = 256
-  for k, v in kw.items():
-    c[k] = v
-  return c
 
 
 def final_params(workdir):
@@ -148,9 +120,9 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir):
   assert json.load(open(os.path.join(wd, "config.json")))["batch_size"] == 16
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
   assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tensorboard")))
-  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
-  assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5, 6]
-  assert all("images_per_s" in l and "learning_rate" in l for l in lines if "loss" in l)
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert all("images_per_s" in r and "learning_rate" in r for r in rows if "loss" in r)
   # running again finds the finished run and only evaluates
   again = train.train_and_evaluate(small_config(digits_dir), wd)
   assert again["steps"] == 6 and again["top1"] == res["top1"]
@@ -174,7 +146,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
   resumed = str(tmp_path / "resumed")
   script = (
       "import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-      "from test_train import small_config; from bcdnet_jax import train\n"
+      "from helpers.configs import small_config; from bcdnet_jax import train\n"
       "c = small_config(%r, num_train_steps=8, checkpoint_every_steps=4)\n"
       "train.train_and_evaluate(c, sys.argv[1], step_hook=lambda s: s == 5 and "
       "os.kill(os.getpid(), signal.SIGKILL))\n" % (ROOT, os.path.join(ROOT, "tests"),
@@ -242,10 +214,11 @@ def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
   tdir = checkpoint.save_model(teacher, str(tmp_path / "teacher"))
   wd = str(tmp_path / "kd")
   train.train_and_evaluate(small_config(digits_dir, num_train_steps=2, teacher_dir=tdir), wd)
-  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in l]
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))
+          if '"loss"' in line]
   # (CE + KD) / 2 with KD against a 10-way teacher distribution
-  for l in lines:
-    assert math.isclose(l["loss"], (l["ce"] + l["second_loss"]) / 2, rel_tol=1e-5)
+  for r in rows:
+    assert math.isclose(r["loss"], (r["ce"] + r["second_loss"]) / 2, rel_tol=1e-5)
   meta = json.load(open(os.path.join(wd, "checkpoints", "2", "meta", "metadata")))
   assert meta["step"] == 2
   assert isinstance(checkpoint.restore_model(wd), models.BCDNet)

@@ -36,7 +36,8 @@ def main():
                          heartbeat_timeout_s=int(opts.get("heartbeat_timeout_s", 100)))
   import jax
   import numpy as np
-  from test_train import small_config
+
+  from helpers.configs import small_config
   cfg = small_config(data_dir, tiny=True, num_train_steps=steps,
                      checkpoint_every_steps=int(opts.get("checkpoint_every", 2)))
 

@@ -1,0 +1,122 @@
+"""The deploy artefact's format and runtime: bit packing, XNOR-popcount, reading and
+validating files, refusing damaged ones and bad inputs."""
+
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcdnet_jax import export, models, packed
+
+
+def test_xnor_popcount_conv_is_the_exact_integer_conv():
+  rng = np.random.default_rng(0)
+  # 40 channels: one full word and one partial; zeros in activations and weights.
+  s = jnp.asarray(rng.choice([-1.0, 0.0, 1.0], size=(2, 7, 6, 40), p=[0.45, 0.1, 0.45]),
+                  jnp.float32)
+  w = jnp.asarray(rng.choice([-1.0, 0.0, 1.0], size=(3, 3, 40, 5), p=[0.48, 0.04, 0.48]),
+                  jnp.float32)
+  wt = jnp.sign(jnp.transpose(w, (3, 0, 1, 2)))
+  bits = packed.pack_bits(wt > 0).reshape(5, -1)
+  mask = packed.pack_bits(wt != 0).reshape(5, -1)
+  assert bits.dtype == jnp.uint32 and bits.shape == (5, 3 * 3 * 2)
+  np.testing.assert_array_equal(
+      np.asarray(packed.signs_from_bits(bits, mask, 3, 40, jnp.int8)), np.asarray(w, np.int8))
+  for stride in (1, 2):
+    want = jax.lax.conv_general_dilated(
+        s.astype(jnp.int8), w.astype(jnp.int8), (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
+    got = packed.xnor_popcount_conv(s, bits, mask, 3, stride, 1)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+def _small_artefact(tmp_path):
+  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                              mlp_groups=1, mlp_group=["pw"])
+  model.eval()
+  out = tmp_path / "small.bcdnet"
+  export.export_model(model, str(out))
+  return out
+
+def test_bad_artefacts_fail_clearly_and_nothing_is_overwritten(tmp_path):
+  out = _small_artefact(tmp_path)
+  raw = out.read_bytes()
+  f = export.load_packed(str(out))
+  assert f(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 3)
+  with pytest.raises(ValueError, match="path must be one of"):
+    f(np.zeros((1, 16, 16, 3), np.float32), path="fp8")
+  with pytest.raises(ValueError, match="NHWC"):
+    f(np.zeros((1, 3, 16, 16), np.float32))
+
+  def load(data, name):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return export.load_packed(str(p))
+
+  with pytest.raises(export.ArtefactError, match="truncated"):
+    load(raw[:-100], "truncated.bcdnet")
+  flipped = bytearray(raw)
+  flipped[-5] ^= 0xFF
+  with pytest.raises(export.ArtefactError, match="corrupted"):
+    load(bytes(flipped), "flipped.bcdnet")
+  with pytest.raises(export.ArtefactError, match="not a bcdnet-jax deploy artefact"):
+    load(b"PK\x03\x04" + raw[4:], "zip.bcdnet")
+  with pytest.raises(export.ArtefactError, match="cannot read"):
+    export.load_packed(str(tmp_path / "missing.bcdnet"))
+
+  # A header whose architecture does not match the tensors (checksum still valid).
+  hlen = struct.unpack("<I", raw[12:16])[0]
+  header = json.loads(raw[48:48 + hlen])
+  header["program"][1]["out"] = 32  # the block says 8 -> 32, its tensors say 8 -> 16
+  tensors = packed.read(str(out))[1]
+  bad = tmp_path / "wrong_arch.bcdnet"
+  with pytest.raises(export.ArtefactError, match="architecture header implies"):
+    packed.write(str(bad), {k: v for k, v in header.items()
+                            if k not in ("tensors", "data_bytes")}, tensors)
+    export.load_packed(str(bad))
+  header["program"][1]["out"] = 16
+  header["spec"]["num_classes"] = 5
+  with pytest.raises(export.ArtefactError, match="head has 3 classes, the spec says 5"):
+    packed.validate(header, tensors)
+
+  # Refuses to overwrite; the existing file is left as it was.
+  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16])
+  with pytest.raises(export.ExportError, match="already exists"):
+    export.export_model(model, str(out))
+  assert out.read_bytes() == raw
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no temp file left
+  teacher_spec = models.get_spec("resnet50")
+  with pytest.raises(export.ExportError, match="teacher"):
+    export.deploy_size_bytes(teacher_spec)
+
+def test_header_bit_flips_nan_weights_and_tiny_inputs_are_refused(tmp_path):
+  out = _small_artefact(tmp_path)
+  raw = out.read_bytes()
+  hlen = struct.unpack("<I", raw[12:16])[0]
+  text = raw[48:48 + hlen]
+  for needle in (b'"crop_ratio":0.875', b'"stride":2'):
+    pos = text.index(needle) + len(needle) - 1
+    flipped = bytearray(raw)
+    flipped[48 + pos] ^= 0x01  # '5' -> '4', '2' -> '3': still valid JSON
+    bad = tmp_path / "flipped_header.bcdnet"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(export.ArtefactError, match="sha256 of the header and data"):
+      export.load_packed(str(bad))
+  assert oct(out.stat().st_mode & 0o777) != "0o600"  # the umask decides, as for any file
+  f = export.load_packed(str(out))
+  with pytest.raises(ValueError, match="empty batch"):
+    f(np.zeros((0, 16, 16, 3), np.float32))
+  with pytest.raises(ValueError, match="smaller than the"):
+    f(np.zeros((1, 2, 2, 3), np.float32))
+  # a NaN weight: export refuses, naming the tensor; nothing written
+  m = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                          mlp_groups=1, mlp_group=["pw"])
+  m.eval()
+  m.head.kernel[...] = m.head.kernel[...].at[1, 1].set(np.nan)
+  with pytest.raises(export.ExportError, match=r"non-finite value in deploy tensor .*head"):
+    export.export_model(m, str(tmp_path / "nan.bcdnet"))
+  assert not (tmp_path / "nan.bcdnet").exists()
