@@ -341,13 +341,13 @@ __all__ = ["ConversionError", "torch_entries", "to_torch_state_dict", "state_to_
 
 # --- the whole conversion --------------------------------------------------------------------
 
+@nnx.jit
 def _run_recording(model, x):
-  """Logits and the signs of every binary activation's input (int8), in one jit."""
-  def f(m, x):
-    with binarize.record_sign_inputs() as rec:
-      y = m(x)
-    return y, [jnp.sign(r).astype(jnp.int8) for r in rec]
-  return nnx.jit(f)(model, x)
+  """Logits and the signs of every binary activation's input (int8), in one jit (cached
+  per architecture and dtype: models with the same structure share the compilation)."""
+  with binarize.record_sign_inputs() as rec:
+    y = model(x)
+  return y, [jnp.sign(r).astype(jnp.int8) for r in rec]
 
 
 def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: int = 224,

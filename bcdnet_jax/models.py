@@ -350,10 +350,15 @@ def cast_floating(model: nnx.Module, dtype) -> nnx.Module:
   compared without sign flips) call it inside `jax.enable_x64(True)`; the model then
   computes in float64 throughout (tested against the torch reference in float64).
   """
+  def cast(a):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return a
+    if isinstance(a, jax.ShapeDtypeStruct):  # an abstract model
+      return jax.ShapeDtypeStruct(a.shape, dtype)
+    return a.astype(dtype)
+
   graphdef, state = nnx.split(model)
-  state = jax.tree.map(
-      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
 def count_params(model: nnx.Module) -> int:

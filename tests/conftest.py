@@ -1,9 +1,39 @@
 """Shared helpers: the golden fixtures made by the authors' PyTorch code."""
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the session and every process the tests start: many
+  tests compile the same programs (the fixtures' models, the tiny training step, the
+  workers of the multi-process tests), and a cache hit takes milliseconds instead of
+  seconds. A fresh directory per session unless JAX_COMPILATION_CACHE_DIR is set."""
+  global _OWN_CACHE
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="bcdnet-jax-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  # only programs that took a while: caching every small eager op costs more than it saves
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bcdnet_torch")
 TINY_CHANNELS = [4, 8, 16, 16, 32, 32, 64, 64, 64, 64, 128]
@@ -46,4 +76,15 @@ def converted():
     sd = convert.read_torch_checkpoint(fixture_ckpt(name))
     model, _ = convert.from_torch_state_dict(sd, tiny_spec(stage))
     out[name] = (model, sd)
+  return out
+
+
+def small_artefact(tmp_path):
+  """A tiny stage-2 BCDNet-A exported to tmp_path/small.bcdnet (3 classes)."""
+  from bcdnet_jax import export, models
+  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                              mlp_groups=1, mlp_group=["pw"])
+  model.eval()
+  out = tmp_path / "small.bcdnet"
+  export.export_model(model, str(out))
   return out

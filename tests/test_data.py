@@ -24,6 +24,7 @@ def test_digits_is_a_real_tfds_dataset(digits_dir):
     data.split_size(b, "validation")
 
 
+@pytest.mark.slow
 def test_train_batches_deterministic_and_resumable(digits_dir):
   b = data.get_builder("digits", digits_dir)
   first = list(data.train_dataset(b, cfg(data_dir=digits_dir), 8).take(5).as_numpy_iterator())

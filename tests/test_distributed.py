@@ -41,6 +41,7 @@ def params(workdir, process):
     return [z[str(i)] for i in range(len(z.files))]
 
 
+@pytest.mark.slow
 def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
   """1 device (here), 8 fake devices, 1 process x 4 devices and 2 processes x 2 devices
   (started through the SLURM detection) give the same losses and parameters: BN and the
@@ -90,6 +91,7 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow
 def test_dead_process_fails_the_others_and_restart_resumes(tmp_path, digits_dir):
   wd = str(tmp_path / "run")
   port = str(random.randint(20_000, 40_000))
@@ -132,6 +134,7 @@ def test_single_process_needs_nothing(monkeypatch):
     distributed.initialize("localhost:1234")
 
 
+@pytest.mark.slow
 def test_signalled_processes_agree_on_the_stop_step_and_exit_cleanly(tmp_path, digits_dir):
   """SIGTERM a step apart (process 0 after step 3, process 1 after step 4), and to one
   process only: every task checkpoints the same step and exits 0, no hang; the same

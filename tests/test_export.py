@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_expected, nhwc
+from conftest import fixture_expected, nhwc, small_artefact
 from flax import nnx
 
 from bcdnet_jax import export, models, packed, predict
 
 ATOL = 1e-5
+
 
 def _randomise(model, seed=1):
   """Non-trivial BN statistics, thresholds and (BCDNet-B) dynamic weights, so every fold
@@ -34,9 +35,12 @@ def _randomise(model, seed=1):
       v.set_value(np.abs(np.asarray(v.get_value())) + 0.5)
   return model
 
+
 def _all_paths(f, x):
   return {p: np.asarray(f(x, path=p)) for p in packed.PATHS}
 
+
+@pytest.mark.slow
 def test_converted_fixture_artefact_reproduces_the_authors_logits(converted, tmp_path):
   """Stage-2 fixture -> artefact: every path gives the authors' evaluation logits."""
   model, _ = converted["a_3"]
@@ -59,6 +63,8 @@ def test_converted_fixture_artefact_reproduces_the_authors_logits(converted, tmp
   with pytest.raises(export.ExportError, match="stage 1"):
     export.export_model(converted["a_3f"][0], str(tmp_path / "a3f.bcdnet"))
 
+
+@pytest.mark.slow
 def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
   model = _randomise(models.create_model("bcdnet_a", stage=2))
   model.eval()
@@ -94,12 +100,14 @@ def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
   assert fp32_bytes / r16["file_bytes"] >= 23
   assert r16["file_bytes"] == sizes["float16"]["file_bytes"]
 
+
 @pytest.mark.parametrize("arch,overrides", [
     ("bcdnet_b", dict(channels=[8, 16, 16, 32], mlp_groups=1, mlp_group=["lsr", "pw"],
                       dynamic_relu=True)),
     ("bcdnet_b_r18", dict(channels=[8, 16, 32, 64], blocks_per_stage=[1, 1, 1, 1],
                           mlp_groups=1, shift_mode="paper")),
 ])
+@pytest.mark.slow
 def test_dynamic_thresholds_and_resnet18_blocks_export_exactly(arch, overrides, tmp_path):
   model = _randomise(models.create_model(arch, stage=2, num_classes=7, **overrides))
   model.eval()
@@ -120,14 +128,8 @@ def test_dynamic_thresholds_and_resnet18_blocks_export_exactly(arch, overrides, 
   np.testing.assert_allclose(y, ref, atol=ATOL * max(1.0, float(np.abs(ref).max())), rtol=0)
   np.testing.assert_array_equal(y, np.asarray(f(x, path="int8")))  # same integers
 
-def _small_artefact(tmp_path):
-  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
-                              mlp_groups=1, mlp_group=["pw"])
-  model.eval()
-  out = tmp_path / "small.bcdnet"
-  export.export_model(model, str(out))
-  return out
 
+@pytest.mark.slow
 def test_export_and_predict_command_lines(tmp_path, capsys):
   import tensorflow as tf
 
@@ -165,8 +167,9 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
   names = predict.class_names(1000)
   assert names[0] == "tench" and names[999] == "toilet tissue" and len(set(names)) >= 998
 
+
 def test_predict_argument_mistakes(tmp_path, capsys):
-  out = _small_artefact(tmp_path)
+  out = small_artefact(tmp_path)
   assert predict.main(["--model", str(out), str(tmp_path)]) == 2
   assert "a directory" in capsys.readouterr().err
   assert predict.main(["--model", str(out), "https://example.com/cat.jpg"]) == 2

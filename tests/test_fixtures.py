@@ -22,6 +22,7 @@ def _loss(model, x, probe):
   return jnp.sum(a * probe) + 0.5 * jnp.sum(b * probe), (a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STAGES))
 def test_eval_logits(converted, name):
   model, _ = converted[name]
@@ -38,6 +39,7 @@ def test_eval_logits(converted, name):
     model.train()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STAGES))
 def test_train_logits_gradients_and_bn_statistics(converted, name):
   model, sd = converted[name]
@@ -113,6 +115,7 @@ def test_stage1_checkpoint_loads_into_stage2(converted):
   assert m2.features[3].conv3x3.binary_weights and not m1.features[3].conv3x3.binary_weights
 
 
+@pytest.mark.slow
 def test_int8_compute_reproduces_stage2_fixture(converted):
   """int8 ±1 products with int32 accumulation (the CPU default): the authors' logits."""
   from conftest import tiny_spec

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,9 +160,25 @@ def test_resnet18_family(name):
   assert y.shape == (1, 4) and np.isfinite(np.asarray(y)).all()
 
 
+@pytest.mark.slow
 def test_resnet50_teacher_forward():
   m = models.create_model("resnet50", num_classes=6, channels=[4, 8, 16, 32],
                           blocks_per_stage=[1, 1, 1, 1])
   m.eval()
   y = forward(m, jnp.zeros((2, 32, 32, 3)))
   assert y.shape == (2, 6)
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_full_width_presets_compute_in_float64(name):
+  """Cast to float64 under x64, every preset traces to float64 logits throughout (no
+  layer forces float32), in both modes: the converter's self-check relies on it."""
+  with jax.enable_x64(True):
+    model = models.cast_floating(models.abstract_model(models.get_spec(name, stage=2)),
+                                 jnp.float64)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float64)
+    train_out = nnx.eval_shape(lambda m, x: m(x), model, x)
+    model.eval()
+    eval_out = nnx.eval_shape(lambda m, x: m(x), model, x)
+  outs = jax.tree.leaves((train_out, eval_out))
+  assert outs and all(o.dtype == jnp.float64 for o in outs), [o.dtype for o in outs]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_artefact
 
 from bcdnet_jax import export, models, packed
 
@@ -34,16 +35,9 @@ def test_xnor_popcount_conv_is_the_exact_integer_conv():
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
-def _small_artefact(tmp_path):
-  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
-                              mlp_groups=1, mlp_group=["pw"])
-  model.eval()
-  out = tmp_path / "small.bcdnet"
-  export.export_model(model, str(out))
-  return out
 
 def test_bad_artefacts_fail_clearly_and_nothing_is_overwritten(tmp_path):
-  out = _small_artefact(tmp_path)
+  out = small_artefact(tmp_path)
   raw = out.read_bytes()
   f = export.load_packed(str(out))
   assert f(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 3)
@@ -93,8 +87,9 @@ def test_bad_artefacts_fail_clearly_and_nothing_is_overwritten(tmp_path):
   with pytest.raises(export.ExportError, match="teacher"):
     export.deploy_size_bytes(teacher_spec)
 
+
 def test_header_bit_flips_nan_weights_and_tiny_inputs_are_refused(tmp_path):
-  out = _small_artefact(tmp_path)
+  out = small_artefact(tmp_path)
   raw = out.read_bytes()
   hlen = struct.unpack("<I", raw[12:16])[0]
   text = raw[48:48 + hlen]

@@ -59,6 +59,7 @@ def test_stage1_has_no_binary_weights():
   assert r["bops"] == 0 and r["binary_params"] == 0
 
 
+@pytest.mark.slow
 def test_cli_json_last_line():
   proc = subprocess.run([sys.executable, "-m", "bcdnet_jax.summary", "--arch", "bcdnet_a",
                          "--stage", "2", "--json"], capture_output=True, text=True)

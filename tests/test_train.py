@@ -109,9 +109,17 @@ def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
 
 # --- end to end ---------------------------------------------------------------------------
 
-def test_train_save_resume_evaluate(tmp_path, digits_dir):
+@pytest.mark.slow
+def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   wd = str(tmp_path / "run")
-  res = train.train_and_evaluate(small_config(digits_dir), wd)
+  with caplog.at_level("INFO", logger="bcdnet_jax"):
+    res = train.train_and_evaluate(small_config(digits_dir), wd)
+  # progress says it is compiling, then how long the first step took; the ETA counts
+  # only the steps after it
+  text = caplog.text
+  assert text.index("compiling the training step") < text.index("first step done after")
+  assert "step 1/6" in text and "ETA (after the next steps)" in text
+  assert "step 2/6" in text and "ETA 0h00m" in text
   for k in ("top1", "top5", "num_eval_examples", "steps", "wall_time_s"):
     assert k in res
   assert res["steps"] == 6 and res["num_eval_examples"] == 359
@@ -138,6 +146,7 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir):
   assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
   """8 steps straight == 4 steps + the process SIGKILLed during step 5 + resumed."""
   straight = str(tmp_path / "straight")
@@ -162,6 +171,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits(tmp_path, digits_dir):
   wd = str(tmp_path / "pre")
   out = train.train_and_evaluate(
@@ -172,6 +182,7 @@ def test_sigusr1_checkpoints_and_exits(tmp_path, digits_dir):
   assert not os.path.exists(os.path.join(wd, "results.json"))
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, digits_dir):
   wd = str(tmp_path / "nan")
   cfg = small_config(digits_dir, learning_rate=1e36, num_train_steps=6,
@@ -184,6 +195,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, digits_dir):
     assert np.isfinite(np.asarray(x)).all()
 
 
+@pytest.mark.slow
 def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir):
   from conftest import TINY_CHANNELS, fixture_ckpt
   out = str(tmp_path / "a3")
@@ -207,6 +219,7 @@ def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir
   assert math.isclose(res["top1"], float(np.mean(preds == labels)))
 
 
+@pytest.mark.slow
 def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
   """KD path: the teacher is restored, used in eval mode, and never saved with the student."""
   teacher = models.create_model("resnet50", num_classes=10, channels=[4, 4, 8, 8],
@@ -287,6 +300,7 @@ class TinyImagenet2012Real(tfds.core.GeneratorBasedBuilder):
                 "real_label": labels, "file_name": f"{i}.jpeg"}
 
 
+@pytest.mark.slow
 def test_eval_on_imagenet_v2_and_real_layouts(tmp_path, digits_dir):
   for cls in (TinyImagenetV2, TinyImagenet2012Real):
     cls(data_dir=digits_dir).download_and_prepare()
@@ -338,6 +352,7 @@ def test_eval_dataset_names_and_missing_real_hint():
 
 # --- hardening: bad input is named, nothing already written is damaged ----------------------
 
+@pytest.mark.slow
 def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_dir):
   """The recorded preprocessing (16 px here) is the default of eval, export and predict:
   all three give the training run's accuracy without any size flag."""
@@ -383,6 +398,7 @@ def dataclasses_replace(obj, **kw):
   return dataclasses.replace(obj, **kw)
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_refused_and_leaves_the_workdir_intact(tmp_path,
                                                                           digits_dir):
   wd = str(tmp_path / "run")
@@ -398,6 +414,7 @@ def test_resume_with_another_model_is_refused_and_leaves_the_workdir_intact(tmp_
   checkpoint.restore_model(wd)  # the earlier run still restores
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, digits_dir, caplog):
   wd = str(tmp_path / "run")
   cfg = small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
@@ -451,6 +468,7 @@ def test_command_line_beats_pipeline_stage_values(digits_dir):
   assert stage.num_train_steps == 600 and stage.model.stage == 1
 
 
+@pytest.mark.slow
 def test_main_reports_known_errors_in_one_line(tmp_path, digits_dir):
   def main(*args):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
@@ -508,6 +526,11 @@ def test_folder_dataset_problems_are_named(tmp_path):
   with pytest.raises(data.DataError, match="text.jpg"):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+  # a bad training image (validation clean): the run stops and names the file
+  os.remove(os.path.join(ok, "validation", "cat", "text.jpg"))
+  c = small_config(str(tmp_path / "tfds4"), dataset=f"folder:{ok}", eval_split="validation")
+  with pytest.raises(data.DataError, match=r"undecodable image\(s\).*(cut|empty)\.jpg"):
+    train.train_and_evaluate(c, str(tmp_path / "wd2"))
   # class mismatch and empty classes
   mism = str(tmp_path / "mism")
   tree(mism, {"train": ["cat", "dog"], "validation": ["cat", "cow"]})
