@@ -24,6 +24,7 @@ from bcdnet_jax.layers import (
   Linear,
   RPReLU,
   avg_pool_2x2,
+  global_avg_pool,
   group_shift,
   long_range_shifts,
 )
@@ -49,7 +50,7 @@ class DynamicThreshold(nnx.Module):
 
   def __call__(self, x):
     """Returns (alpha, beta) shaped (N, 1, 1, C) to broadcast over tokens."""
-    e = self.embed(jnp.mean(x, axis=(1, 2)))
+    e = self.embed(global_avg_pool(x))
     if self.relu:
       e = jax.nn.relu(e)
     return self.alpha(e)[:, None, None, :], self.beta(e)[:, None, None, :]
@@ -58,7 +59,8 @@ class DynamicThreshold(nnx.Module):
 class BinaryActivation(nnx.Module):
   """sign(x + b) with a learnable threshold b, plus BCDNet-B's dynamic part if enabled.
 
-  Returns the binary tensor and the post-conv offset beta (0 without dynamics).
+  Returns the binary tensor and the post-conv offset beta (0 without dynamics), both in
+  x's dtype (the dynamic part alpha is added in float32 under the mixed policy).
   """
 
   def __init__(self, in_features: int, out_features: int, *, dynamic: dict | None,
@@ -74,7 +76,8 @@ class BinaryActivation(nnx.Module):
     if self.dynamic is None:
       return sign(binarize.observe_sign_input(self.bias(x))), 0.0
     alpha, beta = self.dynamic(x)
-    return sign(binarize.observe_sign_input(self.bias(x) + alpha)), beta
+    b = sign(binarize.observe_sign_input(self.bias(x) + alpha))
+    return b.astype(x.dtype), beta.astype(x.dtype)
 
 
 class BasicBlock(nnx.Module):

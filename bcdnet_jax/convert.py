@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bcdnet_jax import binarize, errors, fileio, layers, models
+from bcdnet_jax import errors, fileio, layers, models, precision
 
 
 class ConversionError(errors.UserError):
@@ -341,15 +341,6 @@ __all__ = ["ConversionError", "torch_entries", "to_torch_state_dict", "state_to_
 
 # --- the whole conversion --------------------------------------------------------------------
 
-@nnx.jit
-def _run_recording(model, x):
-  """Logits and the signs of every binary activation's input (int8), in one jit (cached
-  per architecture and dtype: models with the same structure share the compilation)."""
-  with binarize.record_sign_inputs() as rec:
-    y = model(x)
-  return y, [jnp.sign(r).astype(jnp.int8) for r in rec]
-
-
 def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: int = 224,
                batch: int = 2, seed: int = 0) -> dict:
   """Runs the torch reference on the same weights and random images; compares logits.
@@ -386,10 +377,10 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
     expected64 = ref.double()(torch.from_numpy(x64)).numpy()
   model.eval()
   try:
-    got32, signs32 = _run_recording(model, jnp.asarray(x32.transpose(0, 2, 3, 1)))
+    got32, signs32 = precision.logits_and_signs(model, jnp.asarray(x32.transpose(0, 2, 3, 1)))
     with jax.enable_x64(True):
       model64 = models.cast_floating(model, jnp.float64)
-      got64, signs64 = _run_recording(model64, jnp.asarray(x64.transpose(0, 2, 3, 1)))
+      got64, signs64 = precision.logits_and_signs(model64, jnp.asarray(x64.transpose(0, 2, 3, 1)))
       got64 = np.asarray(got64)
   finally:
     model.train()

@@ -2,6 +2,11 @@
 
 Everything here computes exactly what the released PyTorch layer computes (up to the
 NCHW -> NHWC layout), so converted checkpoints reproduce the authors' outputs.
+
+Mixed precision (`ModelSpec.dtype_policy`): every layer returns its input's dtype, so a
+model whose input is cast to bfloat16 stores bfloat16 activations between layers, while
+parameters stay float32 and each layer computes its element-wise math and reductions in
+`compute_type(x)` (at least float32). In float32 and float64 nothing is cast.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ def _torch_bias_init(fan_in):
   return init
 
 
+def compute_type(x):
+  """The type a layer computes in for activations `x`: float32 for bfloat16 / float16
+  storage, the activations' own type otherwise (float32, or float64 for comparisons)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def binary_weight_init(key, shape, dtype=jnp.float32):
   """The released binary convs start at U(0, 0.001); used for fresh stage-2 weights."""
   return jax.random.uniform(key, shape, dtype, 0.0, 1e-3)
@@ -41,7 +52,7 @@ class LearnableBias(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
 
   def __call__(self, x):
-    return x + self.bias[...]
+    return (x + self.bias[...]).astype(x.dtype)
 
 
 class PReLU(nnx.Module):
@@ -51,7 +62,7 @@ class PReLU(nnx.Module):
     self.slope = nnx.Param(jnp.full((features,), init_slope, jnp.float32))
 
   def __call__(self, x):
-    return jnp.where(x >= 0, x, self.slope[...] * x)
+    return jnp.where(x >= 0, x, self.slope[...] * x).astype(x.dtype)
 
 
 class RPReLU(nnx.Module):
@@ -89,20 +100,20 @@ class BatchNorm(nnx.Module):
     if self.use_running_average:
       inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
       return ((x - self.mean[...]) * inv + self.bias[...]).astype(x.dtype)
-    y, mean, var = batch_norm_train(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
-                                    self.scale[...], self.bias[...],
-                                    self.eps)
+    y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
     n = x.size // x.shape[-1]
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
     self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
     self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
     self.count[...] = self.count[...] + 1
-    return y.astype(x.dtype)
+    return y
 
 
 def _bn_stats(x):
+  """Per-channel mean and biased variance, in `compute_type(x)`."""
   axes = tuple(range(x.ndim - 1))
+  x = x.astype(compute_type(x))
   mean = jnp.mean(x, axis=axes)
   return mean, jnp.mean(jnp.square(x - mean), axis=axes)
 
@@ -114,28 +125,33 @@ def batch_norm_train(x, scale, bias, eps: float):
   The backward is the closed form (two per-channel sums, then one element-wise pass),
   instead of autodiff through mean and variance, which XLA:CPU turned into several
   re-reads of the activations per BN. mean and var are statistics for the running
-  averages: their cotangents are ignored (callers stop their gradient).
+  averages: their cotangents are ignored (callers stop their gradient). y has x's dtype;
+  statistics and arithmetic are in `compute_type(x)`, so bfloat16 activations are saved
+  for the backward as they are, not as a float32 copy.
   """
   mean, var = _bn_stats(x)
-  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
+  y = (x.astype(mean.dtype) - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+  return y.astype(x.dtype), mean, var
 
 
 def _bn_fwd(x, scale, bias, eps):
   mean, var = _bn_stats(x)
   rstd = jax.lax.rsqrt(var + eps)
-  return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+  y = (x.astype(mean.dtype) - mean) * (rstd * scale) + bias
+  return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
 
 
 def _bn_bwd(eps, res, cts):
   x, mean, rstd, scale = res
-  g = cts[0]
+  ct = mean.dtype
+  g = cts[0].astype(ct)
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
-  xhat = (x - mean) * rstd
+  xhat = (x.astype(ct) - mean) * rstd
   gbias = jnp.sum(g, axis=axes)
   gscale = jnp.sum(g * xhat, axis=axes)
   gx = (scale * rstd) * (g - gbias / n - xhat * (gscale / n))
-  return gx, gscale, gbias
+  return gx.astype(x.dtype), gscale.astype(scale.dtype), gbias.astype(scale.dtype)
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
@@ -151,7 +167,11 @@ def conv(x, kernel, stride: int, padding: int, acc=None):
   A 1x1 convolution is a matrix product over tokens, and XLA:CPU runs it as `dot` 1.4-4x
   faster than as a convolution (bench: 7x7x1024 token-wise MLPs 54 -> 99 GFLOP/s in
   float32, 86 -> 121 GOP/s in int8). `acc` is the accumulation type (int32 for int8).
+  A real kernel is cast to the activations' type (bfloat16 under the mixed policy; the
+  backends accumulate bfloat16 products in float32).
   """
+  if kernel.dtype != x.dtype and jnp.issubdtype(x.dtype, jnp.floating):
+    kernel = kernel.astype(x.dtype)
   if _pointwise(kernel, padding):
     xs = x[:, ::stride, ::stride] if stride > 1 else x
     n, h, w, c = xs.shape
@@ -180,7 +200,7 @@ def conv_input_grad(g, kernel, in_shape, stride: int, padding: int):
     _, vjp = jax.vjp(lambda x: conv(x, kernel, stride, padding),
                      jnp.zeros(in_shape, g.dtype))
     return vjp(g)[0]
-  taps = jax.lax.dot_general(g.reshape(-1, o), kernel.reshape(-1, o),
+  taps = jax.lax.dot_general(g.reshape(-1, o), kernel.astype(g.dtype).reshape(-1, o),
                              (((1,), (1,)), ((), ())), preferred_element_type=g.dtype)
   taps = taps.reshape(n, ho, wo, k, k, c)
   # Canvas row i is input row i - padding; tap (dy, dx) of output (y, x) lands on
@@ -202,7 +222,10 @@ def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int):
 
   The same sum as XLA's own weight-gradient convolution, which XLA:CPU runs 2-7x slower
   (measured with bench/train_step.py: 6.15 -> 4.63 s per full-size step on this CPU).
+  Accumulated and returned in `compute_type(g)`: a bfloat16 policy never rounds a
+  weight gradient to bfloat16.
   """
+  acc = compute_type(g)
   _, _, _, c = x.shape
   _, ho, wo, o = g.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -212,8 +235,8 @@ def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int):
     for dx in range(kernel_size):
       xs = xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
       taps.append(jax.lax.dot_general(xs.reshape(-1, c), g2, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=g.dtype))
-  return jnp.stack(taps).reshape(kernel_size, kernel_size, c, o).astype(g.dtype)
+                                      preferred_element_type=acc))
+  return jnp.stack(taps).reshape(kernel_size, kernel_size, c, o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -260,12 +283,13 @@ def binary_conv_lowp(x, kernel, stride, padding, dtype):
 
   x (values in {-1, 0, 1}) and sign(W) are exact in int8 and bfloat16, and their integer
   sums are exact in int32 (int8) or float32 (bfloat16, below 2^24 terms), so the result
-  equals the float32 convolution up to the final per-channel scaling; only that rounds.
+  equals the float32 convolution up to the final per-channel scaling; only that rounds
+  (and the cast to x's dtype, bfloat16 under the mixed policy).
   The backward is the float32 one (the released STE), recomputed from the saved operands.
   """
   acc = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
   y = conv(x.astype(dtype), jnp.sign(kernel).astype(dtype), stride, padding, acc)
-  return y.astype(jnp.float32) * binarize.weight_scale(kernel).reshape(-1)
+  return (y.astype(jnp.float32) * binarize.weight_scale(kernel).reshape(-1)).astype(x.dtype)
 
 
 def _binary_conv_lowp_fwd(x, kernel, stride, padding, dtype):
@@ -289,8 +313,9 @@ class BinaryConv(nnx.Module):
   stage-2 model unchanged; stage 2 only binarises it on the fly with a per-output-channel
   scale. The input is expected to be binary already (the block applies the sign).
   `compute_dtype` 'int8' (int32 accumulation) or 'bfloat16' computes the stage-2 products
-  exactly on low-precision operands (see `binary_conv_lowp`); stage 1's real weights always
-  use float32.
+  exactly on low-precision operands (see `binary_conv_lowp`); with bfloat16 activations
+  (the mixed policy) 'float32' means bfloat16 operands, exact as well. Stage 1's real
+  weights use the activations' type.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
@@ -309,9 +334,12 @@ class BinaryConv(nnx.Module):
     return binarize.binarize_weight(w) if self.binary_weights else w
 
   def __call__(self, x):
-    if self.binary_weights and self.compute_dtype != "float32":
+    operands = self.compute_dtype
+    if operands == "float32" and jnp.dtype(x.dtype).itemsize < 4:
+      operands = x.dtype  # ±1 is exact in bfloat16 / float16: no float32 copy
+    if self.binary_weights and operands != "float32":
       return binary_conv_lowp(x, self.kernel[...], self.stride, self.padding,
-                              jnp.dtype(self.compute_dtype))
+                              jnp.dtype(operands))
     return conv2d(x, self.weight(), self.stride, self.padding)
 
 
@@ -326,13 +354,15 @@ class Linear(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x):
-    y = x @ self.kernel[...]
-    return y + self.bias[...] if self.bias is not None else y
+    with jax.named_scope("dense"):  # kept float32 under the mixed policy (tests look for it)
+      y = x @ self.kernel[...]
+      return y + self.bias[...] if self.bias is not None else y
 
 
 def avg_pool_2x2(x):
   """2x2 average pooling, stride 2, floor mode (torch's AvgPool2d(2, 2))."""
-  return nnx.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  return nnx.avg_pool(x.astype(compute_type(x)), (2, 2), strides=(2, 2),
+                      padding="VALID").astype(x.dtype)
 
 
 def max_pool_3x3(x):
@@ -369,7 +399,8 @@ def long_range_shifts(mode: str | int, height: int, width: int) -> tuple[int, in
 
 
 def global_avg_pool(x):
-  return jnp.mean(x, axis=(1, 2))
+  """Mean over tokens in `compute_type(x)`: features reach the heads in float32."""
+  return jnp.mean(x.astype(compute_type(x)), axis=(1, 2))
 
 
 __all__: Sequence[str] = [

@@ -38,6 +38,25 @@ def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
   return AUTO_COMPUTE_DTYPE.get(backend or jax.default_backend(), "float32")
 
 
+DTYPE_POLICIES = ("float32", "bfloat16", "auto")
+# ModelSpec fields that choose arithmetic, not architecture: free to differ between a run
+# and the checkpoint it resumes or starts from.
+ARITHMETIC_FIELDS = ("compute_dtype", "dtype_policy")
+# Activation storage type of 'auto' per backend. CPU: float32 (bench/train_step.py on this
+# repository's 2-core AVX2 machine: the bfloat16 policy is slower, XLA:CPU widens it; see
+# README "Mixed precision"). GPUs stay float32 until bench/device.sh has measured the
+# bfloat16 policy against float32 there; TPUs store bfloat16 natively.
+AUTO_DTYPE_POLICY = {"cpu": "float32", "gpu": "float32", "cuda": "float32",
+                     "rocm": "float32", "tpu": "bfloat16"}
+
+
+def resolve_dtype_policy(name: str, backend: str | None = None) -> str:
+  """'auto' -> the activation type picked for `backend` (default: JAX's default)."""
+  if name != "auto":
+    return name
+  return AUTO_DTYPE_POLICY.get(backend or jax.default_backend(), "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Everything that decides the architecture; recorded beside checkpoints.
@@ -55,6 +74,11 @@ class ModelSpec:
     'int8' (int32 accumulation), 'bfloat16' (float32 accumulation), all exact, or 'auto'
     (the fastest exact one on the default backend, `resolve_compute_dtype`); everything
     else stays float32.
+  dtype_policy: 'float32' (the reference: everything float32), 'bfloat16' (mixed
+    precision: activations stored in bfloat16 between layers, binary convs on exact ±1
+    bfloat16 operands with float32 sums; parameters, BN statistics, element-wise math,
+    reductions and the logits float32) or 'auto' (`resolve_dtype_policy`). Like
+    compute_dtype a choice of arithmetic, not of architecture.
   activation_sign: surrogate gradient of the activation sign ('approx' as released,
     'ste' clipped or 'identity' straight-through, for ablations).
   """
@@ -72,6 +96,7 @@ class ModelSpec:
   dynamic_3x3_only: bool = False
   activation_sign: str = "approx"
   compute_dtype: str = "float32"
+  dtype_policy: str = "float32"
   stage: int = 2
   num_classes: int = 1000
   in_channels: int = 3
@@ -100,6 +125,9 @@ class ModelSpec:
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"model spec: compute_dtype must be one of {COMPUTE_DTYPES}, got "
                        f"{self.compute_dtype!r}")
+    if self.dtype_policy not in DTYPE_POLICIES:
+      raise ValueError(f"model spec: dtype_policy must be one of {DTYPE_POLICIES}, got "
+                       f"{self.dtype_policy!r}")
     bad = set(self.mlp_group) - {"lsr", "pw"}
     if bad:
       raise ValueError(f"model spec: mlp_group kinds must be 'lsr' or 'pw', got {bad}")
@@ -256,6 +284,7 @@ class BCDNet(nnx.Module):
     self.head = Linear(width, spec.num_classes, rngs=rngs)
     self.head_dist = Linear(width, spec.num_classes, rngs=rngs)
     self.deterministic = False
+    self.activation_dtype = ""  # "": the input's; set by `set_dtype_policy`
 
   def features_and_pool(self, x):
     for layer in self.features:
@@ -267,7 +296,7 @@ class BCDNet(nnx.Module):
 
   def __call__(self, x):
     _check_images(x, self.spec.in_channels)
-    z = self.features_and_pool(x)
+    z = self.features_and_pool(_to_activation_dtype(x, self.activation_dtype))
     logits, logits_dist = self.head(z), self.head_dist(z)
     if self.deterministic:
       return (logits + logits_dist) / 2
@@ -294,9 +323,11 @@ class ResNet50(nnx.Module):
     self.num_stages = len(spec.channels)
     self.fc = Linear(prev, spec.num_classes, rngs=rngs)
     self.deterministic = False
+    self.activation_dtype = ""
 
   def __call__(self, x):
     _check_images(x, self.spec.in_channels)
+    x = _to_activation_dtype(x, self.activation_dtype)
     x = max_pool_3x3(jnp.maximum(self.bn1(self.conv1(x)), 0))
     for s in range(self.num_stages):
       for block in getattr(self, f"layer{s + 1}"):
@@ -310,13 +341,30 @@ def _check_images(x, channels):
                      f"{tuple(x.shape)} (NCHW input must be transposed to NHWC)")
 
 
+def _to_activation_dtype(x, dtype: str):
+  return x.astype(dtype) if dtype else x
+
+
+def set_dtype_policy(model: nnx.Module, policy: str) -> nnx.Module:
+  """Makes `model` (BCDNet or ResNet50) compute under `policy` (see ModelSpec); in place.
+
+  'float32' leaves the input's type alone, so a model cast to float64 computes in
+  float64; 'bfloat16' casts the images to bfloat16 on entry and every layer keeps it.
+  """
+  if policy not in DTYPE_POLICIES:
+    raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {policy!r}")
+  resolved = resolve_dtype_policy(policy)
+  model.activation_dtype = "" if resolved == "float32" else resolved
+  return model
+
+
 def _construct(spec: ModelSpec, seed) -> nnx.Module:
   cls = ResNet50 if spec.family == "resnet50" else BCDNet
   model = cls(spec, rngs=nnx.Rngs(seed))
   dtype = resolve_compute_dtype(spec.compute_dtype)
   if dtype != "float32":
     model.set_attributes(compute_dtype=dtype, raise_if_not_found=False)
-  return model
+  return set_dtype_policy(model, spec.dtype_policy)
 
 
 def build(spec: ModelSpec, *, seed: int = 0) -> nnx.Module:

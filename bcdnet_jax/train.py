@@ -87,6 +87,9 @@ def validate_config(config, num_devices: int) -> None:
   need(config.model.compute_dtype in models.COMPUTE_DTYPES,
        "model.compute_dtype", f"{config.model.compute_dtype!r} is not one of "
        f"{models.COMPUTE_DTYPES}")
+  need(config.model.dtype_policy in models.DTYPE_POLICIES,
+       "model.dtype_policy", f"{config.model.dtype_policy!r} is not one of "
+       f"{models.DTYPE_POLICIES}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     need(config[field] >= 0, field, "must be >= 0")
 
@@ -100,7 +103,7 @@ def check_workdir_model(workdir: str, spec: models.ModelSpec) -> None:
     old = checkpoint.read_spec(workdir)
   except checkpoint.CheckpointError:
     return  # not ours to judge: an unreadable record is reported where it is read
-  differ = [f.name for f in dataclasses.fields(spec) if f.name != "compute_dtype"
+  differ = [f.name for f in dataclasses.fields(spec) if f.name not in models.ARITHMETIC_FIELDS
             and getattr(old, f.name) != getattr(spec, f.name)]
   if differ:
     shown = ", ".join(f"{k}: {getattr(old, k)!r} there, {getattr(spec, k)!r} requested"
@@ -212,7 +215,7 @@ def split_model(model):
 def load_init_from(path: str, spec: models.ModelSpec):
   """Params and BN statistics of a model directory or training workdir, checked against spec."""
   src_spec = checkpoint.read_spec(path)
-  free = ("stage", "compute_dtype")  # what may change between init_from and this run
+  free = ("stage", *models.ARITHMETIC_FIELDS)  # may change between init_from and this run
   mine = {k: v for k, v in spec.to_json().items() if k not in free}
   theirs = {k: v for k, v in src_spec.to_json().items() if k not in free}
   if mine != theirs:
@@ -319,6 +322,7 @@ def _model_spec(config, num_classes):
   try:
     overrides = dict(config.model.overrides)
     overrides.setdefault("compute_dtype", config.model.compute_dtype)
+    overrides.setdefault("dtype_policy", config.model.dtype_policy)
     return models.get_spec(config.model.name, stage=config.model.stage,
                            num_classes=num_classes, **overrides)
   except ValueError as e:
@@ -369,7 +373,9 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
   if config.init_from:
     plan.init_params = load_init_from(config.init_from, spec)
   if config.teacher_dir:
-    plan.teacher = checkpoint.restore_model(config.teacher_dir, rt)
+    # the teacher computes under the student's policy (its activations dominate the step)
+    plan.teacher = models.set_dtype_policy(
+        checkpoint.restore_model(config.teacher_dir, rt), plan.spec.dtype_policy)
     if plan.teacher.spec.num_classes != num_classes:
       raise ConfigError(f"config.teacher_dir: teacher has {plan.teacher.spec.num_classes} "
                         f"classes, the dataset {num_classes}")
@@ -655,7 +661,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.eval_batch_size <= 0 or config.eval_batch_size % rt.size:
     raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
                       f"and divisible by the {rt.size} devices")
-  model = checkpoint.restore_model(config.checkpoint, rt)
+  model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
+                                 config.model.dtype_policy)
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)

@@ -32,17 +32,24 @@ def set_threads(n: int) -> None:
   os.environ.setdefault("MKL_NUM_THREADS", str(n))
 
 
-def time_calls(fn, *, warmup: int, repeats: int, min_time_s: float = 0.0) -> list[float]:
-  """Wall times of `fn()` (which must block until its work is done) after warm-up."""
+def time_calls(fn, *, warmup: int, repeats: int,
+               min_time_s: float = 0.0) -> tuple[list[float], float]:
+  """(wall times of `fn()` after warm-up, seconds of the warm-up calls).
+
+  `fn` must block until its work is done. The warm-up time (compilation, autotuning,
+  `torch.compile`) is reported on its own, never mixed into the steady-state median.
+  """
+  t0 = time.perf_counter()
   for _ in range(warmup):
     fn()
+  warmup_s = time.perf_counter() - t0
   times: list[float] = []
   start = time.perf_counter()
   while len(times) < repeats or time.perf_counter() - start < min_time_s:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return times
+  return times, warmup_s
 
 
 def peak_rss_mb() -> float:
@@ -50,9 +57,11 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def result(times: list[float], images_per_call: int, **extra) -> dict:
+def result(timing: tuple[list[float], float], images_per_call: int, **extra) -> dict:
+  times, warmup_s = timing
   med = statistics.median(times)
   out = {"images_per_s": round(images_per_call / med, 2), "step_time_s_median": round(med, 5),
+         "warmup_s": round(warmup_s, 1),
          "step_time_s_min": round(min(times), 5), "repeats": len(times),
          "peak_rss_mb": round(peak_rss_mb(), 1)}
   out.update(extra)
@@ -63,7 +72,8 @@ def emit(res: dict, *, human: bool = False) -> None:
   """A readable line first when asked, then the JSON object as the last line."""
   if human:
     print(f"{res['framework']} {res['path']}: {res['images_per_s']} images/s, median "
-          f"{res['step_time_s_median']} s per batch, peak RSS {res['peak_rss_mb']} MB")
+          f"{res['step_time_s_median']} s per batch, warm-up {res['warmup_s']} s, "
+          f"peak RSS {res['peak_rss_mb']} MB")
   print(json.dumps(res), flush=True)
 
 

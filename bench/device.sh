@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run (the `device` tool: 15 minutes in all, one call).
 #
-#   run(command="bash bench/device.sh", carry=[".whl"], timeout_s=540)
-#   BATCHES="256" BUDGET_S=140 bash bench/device.sh     # a subset
+#   run(command="bash bench/device.sh", carry=[".whl"], timeout_s=560)
+#   BATCH=128 BUDGET_S=300 bash bench/device.sh      # another batch, a shorter budget
+#   BATCH=2 IMAGE_SIZE=64 BUDGET_S=60 bash bench/device.sh   # a dry run of the script on CPU
 #
 # Installs what the GPU image lacks from carried wheels (.whl/: ml_collections, fetched
-# here with `pip download`, see README "Speed"; the image's own jax 0.11 + flax 0.12.10
-# are used, a carried flax 0.12.8 does not import on jax 0.11), then measures
-# training steps and inference at 224x224 for batch 64/128/256: JAX float32, bfloat16 and
-# int8 binary convs (all exact), PyTorch fp32 and bf16 autocast + channels_last. Each
-# configuration runs in its own process under a time cap, most important first, and the
-# table in $OUT/device_results.md grows as results arrive, so a cut-off run still reports.
+# here with `pip download ml_collections -d .whl`; the image's own jax 0.11 + flax 0.12.10
+# are used, a carried flax 0.12.8 does not import on jax 0.11), then measures, at 224 x 224
+# and one batch size, most important first, each configuration in its own process under
+# its own time cap:
+#   - the baseline a PyTorch user tuning for speed runs: bf16 autocast + channels_last +
+#     torch.compile (+ fused AdamW), training with and without the ResNet-50 teacher, and
+#     inference; warm-up (compile) seconds reported apart;
+#   - JAX with the bfloat16 policy (`--config.model.dtype_policy=bfloat16`) and float32,
+#     the model in evaluation mode and the deploy artefact;
+#   - the released recipe's PyTorch fp32 eager;
+#   - a profile of the JAX bfloat16 training step (bench/profile_step.py).
+# $OUT/device_results.md (a table with the ratio to the torch.compile rows) grows as
+# results arrive, so a run cut off by the budget still reports what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-480}   # stop starting new configurations after this many seconds
-CAP_S=${CAP_S:-75}          # per configuration
+BUDGET_S=${BUDGET_S:-470}   # start no configuration after this many seconds
+B=${BATCH:-256}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -28,43 +36,61 @@ python3 -c "import jax, flax, torch; print('jax', jax.__version__, jax.devices()
 start=$(date +%s)
 results="$OUT/device_results.jsonl"
 : > "$results"
-run() {  # run <script> <label> <args...>
-  local script=$1 label=$2; shift 2
+table() {
+  python3 - "$results" > "$OUT/device_results.md" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+base = {}
+for r in rows:  # the torch.compile rows are the baselines
+  if "result" in r and r["result"].get("path", "").endswith("_compile"):
+    base[(r["bench"], r["result"].get("teacher", False))] = r["result"]["images_per_s"]
+print("| configuration | images/s | median step (s) | warm-up (s) | peak GPU MB | vs torch bf16+compile |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+  if "error" in r:
+    print(f"| {r['label']} | failed or over its time cap ({r['cap']} s) | | | | |")
+    continue
+  x = r["result"]
+  b = base.get((r["bench"], x.get("teacher", False)))
+  ratio = f"{x['images_per_s'] / b:.2f}x" if b else ""
+  print(f"| {r['label']} | {x['images_per_s']} | {x['step_time_s_median']} | "
+        f"{x.get('warmup_s', '')} | {x.get('peak_device_mb', '')} | {ratio} |")
+PY
+}
+row() {  # row <cap_s> <script> <label> <args...>
+  local cap=$1 script=$2 label=$3; shift 3
   if (( $(date +%s) - start > BUDGET_S )); then echo "skip (budget) $label"; return; fi
   local line
-  line=$(timeout "$CAP_S" python3 "bench/$script" "$@" --warmup 2 --repeats 5 --json 2>"$OUT/last_err.txt" | tail -1)
+  line=$(timeout "$cap" python3 "bench/$script" "$@" --batch "$B" --image_size "${IMAGE_SIZE:-224}" \
+         --warmup 2 --repeats 5 \
+         --json 2>"$OUT/last_err.txt" | tail -1)
   if [[ "$line" == \{* ]]; then
     echo "{\"bench\": \"$script\", \"label\": \"$label\", \"result\": $line}" >> "$results"
     echo "$label: $line"
   else
     echo "$label: FAILED $(tail -3 "$OUT/last_err.txt" | tr '\n' ' ')"
-    echo "{\"bench\": \"$script\", \"label\": \"$label\", \"error\": true}" >> "$results"
+    cp "$OUT/last_err.txt" "$OUT/failed_$(echo "$label" | tr -c 'a-zA-Z0-9' '_').txt"
+    echo "{\"bench\": \"$script\", \"label\": \"$label\", \"error\": true, \"cap\": $cap}" >> "$results"
   fi
+  table
 }
-for b in ${BATCHES:-128 64 256}; do
-  run train_step.py "train torch fp32 b$b" --framework torch --precision fp32 --batch $b
-  run train_step.py "train torch bf16 b$b" --framework torch --precision bf16 --batch $b
-  run train_step.py "train jax float32 b$b" --framework jax --precision float32 --batch $b
-  run train_step.py "train jax bfloat16 b$b" --framework jax --precision bfloat16 --batch $b
-  run train_step.py "train jax int8 b$b" --framework jax --precision int8 --batch $b
-  run inference.py "infer torch fp32 b$b" --framework torch --path fp32 --batch $b
-  run inference.py "infer torch bf16 b$b" --framework torch --path bf16 --batch $b
-  run inference.py "infer jax float32 b$b" --framework jax --path float32 --batch $b
-  run inference.py "infer jax bfloat16 b$b" --framework jax --path bfloat16 --batch $b
-  run inference.py "infer jax int8 b$b" --framework jax --path int8 --batch $b
-  run inference.py "infer jax deploy-int8 b$b" --framework jax --path deploy-int8 --batch $b
-done
-python3 - "$results" > "$OUT/device_results.md" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| configuration | images/s | median step (s) | peak GPU MB |")
-print("|---|---|---|---|")
-for r in rows:
-  if "error" in r:
-    print(f"| {r['label']} | failed or over the time cap | | |")
-  else:
-    x = r["result"]
-    print(f"| {r['label']} | {x['images_per_s']} | {x['step_time_s_median']} | "
-          f"{x.get('peak_device_mb', '')} |")
-PY
+row 300 train_step.py "train torch bf16+channels_last+compile b$B" --framework torch --precision bf16 --compile
+row 150 train_step.py "train jax bf16 policy b$B" --framework jax --policy bfloat16 --precision auto
+row 120 train_step.py "train jax float32 b$B" --framework jax --policy float32 --precision float32
+row 200 inference.py "infer torch bf16+channels_last+compile b$B" --framework torch --path bf16-compile
+row 100 inference.py "infer jax model bf16 policy b$B" --framework jax --path bfloat16 --policy bfloat16
+row 100 inference.py "infer jax deploy-int8 b$B" --framework jax --path deploy-int8
+row 150 train_step.py "train jax bf16 policy + teacher b$B" --framework jax --policy bfloat16 --teacher
+row 300 train_step.py "train torch bf16+channels_last+compile + teacher b$B" --framework torch --precision bf16 --compile --teacher
+row 150 train_step.py "train jax bf16 policy, int8 binary convs b$B" --framework jax --policy bfloat16 --precision int8
+row 100 inference.py "infer jax model bf16 policy, int8 b$B" --framework jax --path int8 --policy bfloat16
+row 90 train_step.py "train torch fp32 eager (as released) b$B" --framework torch --precision fp32
+row 60 inference.py "infer torch fp32 eager (as released) b$B" --framework torch --path fp32
+row 60 inference.py "infer jax model float32 b$B" --framework jax --path float32
+if (( $(date +%s) - start <= BUDGET_S )); then
+  timeout 120 python3 bench/profile_step.py --policy bfloat16 --batch "$B" --top 30 \
+    --image_size "${IMAGE_SIZE:-224}" \
+    > "$OUT/profile_bf16_b$B.txt" 2>&1 || echo "profile: failed or over 120 s"
+fi
+table
 cat "$OUT/device_results.md"

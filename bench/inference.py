@@ -3,7 +3,10 @@
 JAX paths: the Flax model in evaluation mode with its stage-2 binary convs on float32,
 int8 (int32 accumulation) or bfloat16 operands, and the deploy artefact of
 `bcdnet_jax.export` on its 'float', 'int8' and 'packed' (XNOR + popcount) paths; all are
-exact for the binary parts. PyTorch: fp32 (as released) and bf16 autocast + channels_last.
+exact for the binary parts; `--policy bfloat16` stores the model's activations in bfloat16.
+PyTorch: fp32 (as released), bf16 autocast + channels_last, and the same plus
+`torch.compile` ('bf16-compile', the baseline a PyTorch user tuning for speed runs).
+"warmup_s" (compilation, autotuning) is reported apart from the steady-state median.
 
   python bench/inference.py --framework jax --arch bcdnet_a --batch 8 --image_size 224 --json
       (measures every exact JAX path, each in its own process, and reports the fastest,
@@ -25,7 +28,7 @@ import common  # noqa: E402
 
 JAX_MODEL_PATHS = ("float32", "int8", "bfloat16")
 JAX_DEPLOY_PATHS = ("deploy-float", "deploy-int8", "deploy-packed")
-TORCH_PATHS = ("fp32", "bf16")
+TORCH_PATHS = ("fp32", "bf16", "bf16-compile")
 
 
 def parse(argv=None):
@@ -38,6 +41,8 @@ def parse(argv=None):
   p.add_argument("--path", default="fastest",
                  help=f"jax: {', '.join(JAX_MODEL_PATHS + JAX_DEPLOY_PATHS)} or fastest; "
                       f"torch: {', '.join(TORCH_PATHS)}")
+  p.add_argument("--policy", default="float32",
+                 help="jax model paths: dtype_policy (float32, bfloat16, auto)")
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--repeats", type=int, default=10)
@@ -62,7 +67,7 @@ def jax_infer(a):
   x = jax.device_put(_images(a))
   if a.path in JAX_MODEL_PATHS:
     spec = models.get_spec(a.arch, stage=2, num_classes=a.num_classes,
-                           compute_dtype=a.path)
+                           compute_dtype=a.path, dtype_policy=a.policy)
     model = models.build(spec)
     model.eval()
     graphdef, state = nnx.split(model)
@@ -86,6 +91,8 @@ def jax_infer(a):
                      f"{JAX_MODEL_PATHS + JAX_DEPLOY_PATHS} or 'fastest'")
   times = common.time_calls(fn, warmup=a.warmup, repeats=a.repeats, min_time_s=a.min_time_s)
   extra = {"framework": "jax", "path": a.path, "device": str(jax.devices()[0].device_kind)}
+  if a.path in JAX_MODEL_PATHS:
+    extra["dtype_policy"] = models.resolve_dtype_policy(a.policy)
   stats = jax.devices()[0].memory_stats() or {}
   if stats.get("peak_bytes_in_use"):
     extra["peak_device_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
@@ -101,10 +108,12 @@ def torch_infer(a):
   if a.path not in TORCH_PATHS:
     raise SystemExit(f"--path {a.path!r}: expected one of {TORCH_PATHS} for torch")
   dev = "cuda" if torch.cuda.is_available() else "cpu"
-  bf16 = a.path == "bf16"
+  bf16 = a.path.startswith("bf16")
   fmt = torch.channels_last if bf16 else torch.contiguous_format
   model = torch_ref.build(models.get_spec(a.arch, stage=2, num_classes=a.num_classes))
   model = model.to(dev).eval().to(memory_format=fmt)
+  if a.path.endswith("-compile"):
+    model = torch.compile(model)
   x = torch.from_numpy(_images(a, nchw=True)).to(dev).to(memory_format=fmt)
 
   def fn():
@@ -116,7 +125,8 @@ def torch_infer(a):
 
   times = common.time_calls(fn, warmup=a.warmup, repeats=a.repeats, min_time_s=a.min_time_s)
   extra = {"framework": "torch",
-           "path": "bf16_autocast_channels_last" if bf16 else "fp32",
+           "path": {"fp32": "fp32", "bf16": "bf16_autocast_channels_last",
+                    "bf16-compile": "bf16_autocast_channels_last_compile"}[a.path],
            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
   if dev == "cuda":
     extra["peak_device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -126,6 +136,7 @@ def torch_infer(a):
 def _args(a):
   return ["--arch", a.arch, "--batch", str(a.batch), "--image_size", str(a.image_size),
           "--num_classes", str(a.num_classes), "--threads", str(a.threads),
+          "--policy", a.policy,
           "--warmup", str(a.warmup), "--repeats", str(a.repeats),
           "--min_time_s", str(a.min_time_s)]
 
@@ -152,12 +163,17 @@ def fastest(a):
 
 
 def compare(a):
+  best_torch = "torch bf16 autocast + channels_last + compile"
   configs = [("torch fp32 (authors')", ["--framework", "torch", "--path", "fp32"]),
-             ("torch bf16 autocast", ["--framework", "torch", "--path", "bf16"])]
+             ("torch bf16 autocast", ["--framework", "torch", "--path", "bf16"]),
+             (best_torch, ["--framework", "torch", "--path", "bf16-compile"])]
   configs += [(f"jax {p}", ["--framework", "jax", "--path", p])
               for p in JAX_MODEL_PATHS + JAX_DEPLOY_PATHS]
-  common.run_configs(os.path.abspath(__file__), configs, _args(a),
-                     baseline="torch fp32 (authors')")
+  configs += [(f"jax {p} bf16 policy", ["--framework", "jax", "--path", p, "--policy",
+                                        "bfloat16"]) for p in ("int8", "bfloat16")]
+  common.run_configs(os.path.abspath(__file__), configs, _args(a), baseline=best_torch,
+                     keys=("images_per_s", "step_time_s_median", "warmup_s", "peak_rss_mb",
+                           "peak_device_mb"))
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ def parse(argv=None):
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--num_classes", type=int, default=1000)
   p.add_argument("--precision", default="auto")
+  p.add_argument("--policy", default="float32", help="dtype_policy (float32, bfloat16, auto)")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--warmup", type=int, default=2)
@@ -81,7 +82,8 @@ def main(argv=None):
   run, step, holder, batch, teacher_state, _ = train_step.jax_setup(train_step.parse([
       "--arch", a.arch, "--stage", str(a.stage), "--batch", str(a.batch),
       "--image_size", str(a.image_size), "--num_classes", str(a.num_classes),
-      "--precision", a.precision, "--teacher" if a.teacher else "--no-teacher"]))
+      "--precision", a.precision, "--policy", a.policy,
+      "--teacher" if a.teacher else "--no-teacher"]))
   ops = hlo_ops(step.lower(holder[0], batch, teacher_state).compile().as_text())
   for _ in range(a.warmup):
     run()

@@ -13,6 +13,11 @@ def get_config():
   # Operands of the stage-2 binary convs' forward, all exact: "auto" (int8 on CPU, float32
   # on GPU: models.AUTO_COMPUTE_DTYPE), "float32", "int8" or "bfloat16".
   c.model.compute_dtype = "auto"
+  # Activations between layers: "float32" (the reference), "bfloat16" (mixed precision:
+  # parameters, optimiser, BN statistics, reductions, loss and logits stay float32), or
+  # "auto" (float32 on CPU and, until measured there, on GPUs: models.AUTO_DTYPE_POLICY).
+  # In evaluation mode it applies to the evaluated model as well.
+  c.model.dtype_policy = "auto"
 
   c.dataset = "imagenet2012"  # any TFDS name, "digits", or "folder:/path/to/images"
   c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)

@@ -169,6 +169,7 @@ def test_resnet50_teacher_forward():
   assert y.shape == (2, 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(models.PRESETS))
 def test_full_width_presets_compute_in_float64(name):
   """Cast to float64 under x64, every preset traces to float64 logits throughout (no

@@ -34,6 +34,7 @@ def test_reactnet_a_same_bops(bcdnet_a):
   assert summary.summarize(models.get_spec("reactnet_a"), 224)["bops"] == bcdnet_a["bops"]
 
 
+@pytest.mark.slow
 def test_bcdnet_b_extra_flops_are_its_embeddings(bcdnet_a):
   spec = models.get_spec("bcdnet_b")
   r = summary.summarize(spec, 224)
@@ -48,6 +49,7 @@ def test_bcdnet_b_extra_flops_are_its_embeddings(bcdnet_a):
   assert r["flops"] - bcdnet_a["flops"] == extra
 
 
+@pytest.mark.slow
 def test_r18_layouts_keep_bops():
   base = summary.summarize(models.get_spec("reactnet_r18"), 224)
   for name in ("bcdnet_a_r18", "bcdnet_b_r18"):

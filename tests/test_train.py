@@ -452,10 +452,11 @@ def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
     c = small_config(digits_dir, **kw)
     with pytest.raises(train.ConfigError, match=msg):
       train.run(c, str(tmp_path / "w"))
-  c = small_config(digits_dir)
-  c.model.compute_dtype = "fp8"
-  with pytest.raises(train.ConfigError, match="config.model.compute_dtype: 'fp8'"):
-    train.run(c, str(tmp_path / "w"))
+  for field, value in [("compute_dtype", "fp8"), ("dtype_policy", "float16")]:
+    c = small_config(digits_dir)
+    c.model[field] = value
+    with pytest.raises(train.ConfigError, match=f"config.model.{field}: '{value}'"):
+      train.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 

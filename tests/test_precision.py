@@ -1,0 +1,148 @@
+"""The mixed-precision policy: what it stores in bfloat16, what it keeps in float32, and
+how far its outputs are from the float32 reference (the fixtures' released weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import STAGES, fixture_expected, nhwc
+from flax import nnx
+from helpers.configs import small_config
+from jax.extend import core as jcore
+
+from bcdnet_jax import checkpoint, models, precision, train
+from configs import default
+
+
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from _eqns(sub)
+
+
+def _tiny(name, stage, policy, **kw):
+  sizes = dict(bcdnet_b=dict(channels=[8, 16, 16], mlp_groups=1),
+               reactnet_r18=dict(channels=[8, 16, 16, 32], blocks_per_stage=[1, 1, 1, 1]),
+               resnet50=dict(channels=[4, 8, 16, 32], blocks_per_stage=[1, 1, 1, 1]))
+  return models.create_model(name, stage=stage, num_classes=5, dtype_policy=policy,
+                             **sizes[name], **kw)
+
+
+@pytest.mark.parametrize("stage,compute_dtype", [(1, "float32"), (2, "float32"), (2, "int8")])
+def test_bfloat16_policy_products_in_bfloat16_state_in_float32(stage, compute_dtype):
+  """Every convolution and token-wise product of the training step (student forward and
+  backward, teacher forward) takes bfloat16 or int8 operands; only the dense heads and
+  embeddings run in float32; parameters, optimiser state, BN statistics, loss: float32."""
+  cfg = default.get_config()
+  student = _tiny("bcdnet_b", stage, "bfloat16", compute_dtype=compute_dtype)
+  teacher = _tiny("resnet50", 2, "bfloat16")
+  teacher.eval()
+  teacher_def, teacher_state = nnx.split(teacher)
+  train_def, _, params, batch_stats = train.split_model(student)
+  tx, _ = train.make_optimizer(cfg, 10)
+  step = train.make_train_step(train_def, tx, cfg, teacher_def)
+  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)),
+                                jnp.float32), "label": jnp.arange(3, dtype=jnp.int32)}
+  products = {}
+  for e in _eqns(jax.make_jaxpr(step)(state, batch, teacher_state).jaxpr):
+    if e.primitive.name in ("conv_general_dilated", "dot_general"):
+      key = ("dense" in str(e.source_info.name_stack),
+             tuple(sorted({str(v.aval.dtype) for v in e.invars})))
+      products[key] = products.get(key, 0) + 1
+  low = "int8" if stage == 2 and compute_dtype == "int8" else "bfloat16"
+  expected_keys = {(True, ("float32",)), (False, (low,))}
+  if low == "int8":  # the backward of the binary convs and the real convs: bfloat16
+    expected_keys.add((False, ("bfloat16",)))
+  assert set(products) == expected_keys, products
+  new_state, metrics = jax.eval_shape(step, state, batch, teacher_state)
+  for leaf in jax.tree.leaves(new_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  assert metrics["loss"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["bcdnet_b", pytest.param("reactnet_r18",
+                                                            marks=pytest.mark.slow)])
+def test_bfloat16_policy_stores_activations_in_bfloat16(name):
+  m = _tiny(name, 2, "bfloat16")
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  for mode in ("train", "eval"):
+    getattr(m, mode)()
+    h = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    for layer in [*m.features, *(b for g in m.mlp for b in g)]:
+      h = nnx.eval_shape(lambda layer, h: layer(h), layer, h)
+      assert h.dtype == jnp.bfloat16, (mode, type(layer).__name__)
+    out = nnx.eval_shape(lambda m, x: m(x), m, x)
+    assert all(o.dtype == jnp.float32 for o in jax.tree.leaves(out)), (mode, out)
+
+
+def test_float32_policy_is_the_reference_and_auto_resolves_per_backend():
+  assert models.resolve_dtype_policy("auto", "cpu") == "float32"
+  assert models.resolve_dtype_policy("auto", "tpu") == "bfloat16"
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
+  outs = []
+  for policy in ("float32", "auto"):
+    m = _tiny("bcdnet_b", 2, policy)
+    m.eval()
+    outs.append(np.asarray(m(x)))
+  np.testing.assert_array_equal(*outs)
+  with pytest.raises(ValueError, match="dtype_policy must be one of"):
+    models.get_spec("bcdnet_a", dtype_policy="float16")
+
+
+def _crops(n, size, seed=0):
+  """n random crops of the scikit-learn sample photographs, normalised like ImageNet."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  rng = np.random.default_rng(seed)
+  photos = load_sample_images().images
+  out = []
+  for i in range(n):
+    p = photos[i % len(photos)]
+    s = int(rng.integers(size, min(p.shape[:2])))
+    y, x = rng.integers(0, p.shape[0] - s), rng.integers(0, p.shape[1] - s)
+    img = Image.fromarray(p[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)
+    out.append(np.asarray(img, np.float32) / 255)
+  return (np.stack(out) - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_bfloat16_policy_on_the_released_fixtures(converted, name):
+  """The fixtures' weights under the bfloat16 policy against float32 on 128 photographs:
+  few binary activations flip and the predictions mostly agree (printed, asserted loose)."""
+  model, _ = converted[name]
+  images = np.concatenate([nhwc(fixture_expected(name)["x96"]), _crops(126, 96)])
+  r = precision.compare_policies(model, images, policy="bfloat16")
+  print(f"\n{name}: {r['flipped_binary_activations']:,} of {r['binary_activations']:,} "
+        f"binary activations differ ({100 * r['flipped_fraction']:.3f} %), top-1 agreement "
+        f"{100 * r['top1_agreement']:.1f} % of {r['images']}, max |logit diff| "
+        f"{r['max_abs_logit_diff']:.3g} (max |logit| {r['max_abs_logit']:.3g})")
+  assert r["images"] == 128 and r["binary_activations"] > 1_000_000
+  assert 0 < r["flipped_fraction"] < 0.05
+  assert r["top1_agreement"] >= 0.5  # untrained fixtures: near-tie logits (max |logit| ~1)
+  same = precision.compare_policies(model, images[:8], policy="float32")
+  assert same["flipped_binary_activations"] == 0 and same["max_abs_logit_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_run_under_the_bfloat16_policy(tmp_path, digits_dir):
+  c = small_config(digits_dir)
+  c.model.dtype_policy = "bfloat16"
+  wd = str(tmp_path / "w")
+  result = train.run(c, wd)
+  assert np.isfinite(result["top1"]) and result["steps"] == 6
+  assert checkpoint.read_spec(wd).dtype_policy == "bfloat16"
+  # evaluation takes the config's policy: float32 scores the bfloat16-trained weights
+  e = small_config(digits_dir, mode="eval", checkpoint=wd)
+  e.model.dtype_policy = "float32"
+  scored = train.run(e, str(tmp_path / "eval"))
+  assert scored["num_eval_examples"] == result["num_eval_examples"]
+  assert abs(scored["top1"] - result["top1"]) <= 0.05
