@@ -20,8 +20,8 @@ WORKER = os.path.join(ROOT, "tests", "helpers", "train_worker.py")
 
 
 def launch(workdir, data_dir, steps, devices, *args, env_extra=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=flags.strip())
   for k in list(env):
     if k.startswith("SLURM_"):
       del env[k]
