@@ -3,7 +3,8 @@
 #
 #   run(command="bash bench/device.sh", carry=[".whl"], timeout_s=560)
 #   BATCH=128 BUDGET_S=300 bash bench/device.sh      # another batch, a shorter budget
-#   BATCH=2 IMAGE_SIZE=64 BUDGET_S=60 bash bench/device.sh   # a dry run of the script on CPU
+#   ONLY="teacher" bash bench/device.sh               # only the rows whose label matches
+#   ONLY="infer jax" BATCH=1 IMAGE_SIZE=32 BUDGET_S=30 bash bench/device.sh  # CPU dry run
 #
 # Installs what the GPU image lacks from carried wheels (.whl/: ml_collections, fetched
 # here with `pip download ml_collections -d .whl`; the image's own jax 0.11 + flax 0.12.10
@@ -59,6 +60,7 @@ PY
 }
 row() {  # row <cap_s> <script> <label> <args...>
   local cap=$1 script=$2 label=$3; shift 3
+  if [[ -n "${ONLY:-}" && ! "$label" =~ $ONLY ]]; then return; fi
   if (( $(date +%s) - start > BUDGET_S )); then echo "skip (budget) $label"; return; fi
   local line
   line=$(timeout "$cap" python3 "bench/$script" "$@" --batch "$B" --image_size "${IMAGE_SIZE:-224}" \
@@ -87,7 +89,7 @@ row 100 inference.py "infer jax model bf16 policy, int8 b$B" --framework jax --p
 row 90 train_step.py "train torch fp32 eager (as released) b$B" --framework torch --precision fp32
 row 60 inference.py "infer torch fp32 eager (as released) b$B" --framework torch --path fp32
 row 60 inference.py "infer jax model float32 b$B" --framework jax --path float32
-if (( $(date +%s) - start <= BUDGET_S )); then
+if [[ -z "${ONLY:-}" ]] && (( $(date +%s) - start <= BUDGET_S )); then
   timeout 120 python3 bench/profile_step.py --policy bfloat16 --batch "$B" --top 30 \
     --image_size "${IMAGE_SIZE:-224}" \
     > "$OUT/profile_bf16_b$B.txt" 2>&1 || echo "profile: failed or over 120 s"
