@@ -60,7 +60,7 @@ class BinaryActivation(nnx.Module):
   """sign(x + b) with a learnable threshold b, plus BCDNet-B's dynamic part if enabled.
 
   Returns the binary tensor and the post-conv offset beta (0 without dynamics), both in
-  x's dtype (the dynamic part alpha is added in float32 under the mixed policy).
+  x's dtype.
   """
 
   def __init__(self, in_features: int, out_features: int, *, dynamic: dict | None,
@@ -76,8 +76,9 @@ class BinaryActivation(nnx.Module):
     if self.dynamic is None:
       return sign(binarize.observe_sign_input(self.bias(x))), 0.0
     alpha, beta = self.dynamic(x)
-    b = sign(binarize.observe_sign_input(self.bias(x) + alpha))
-    return b.astype(x.dtype), beta.astype(x.dtype)
+    # rounding the threshold's sum to x's type keeps its sign and the sign's saved input narrow
+    t = (self.bias(x) + alpha).astype(x.dtype)
+    return sign(binarize.observe_sign_input(t)), beta.astype(x.dtype)
 
 
 class BasicBlock(nnx.Module):

@@ -146,3 +146,51 @@ def test_training_and_evaluation_run_under_the_bfloat16_policy(tmp_path, digits_
   scored = train.run(e, str(tmp_path / "eval"))
   assert scored["num_eval_examples"] == result["num_eval_examples"]
   assert abs(scored["top1"] - result["top1"]) <= 0.05
+
+
+def test_bfloat16_policy_saves_activations_for_the_backward_in_bfloat16(capsys):
+  """The tensors kept for the backward: only parameters stay float32; every saved
+  activation is bfloat16 (or a bool mask), less than half the float32 policy's bytes."""
+  import re
+
+  from jax import ad_checkpoint
+  saved = {}
+  for policy in ("float32", "bfloat16"):
+    m = _tiny("bcdnet_b", 2, policy)
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    x = jnp.zeros((4, 32, 32, 3))
+
+    def loss(params, graphdef=graphdef, rest=rest, x=x):
+      a, b = nnx.merge(graphdef, params, rest, copy=True)(x)
+      return jnp.sum(a) + jnp.sum(b)
+
+    ad_checkpoint.print_saved_residuals(loss, params)
+    sizes = {}
+    for line in capsys.readouterr().out.splitlines():
+      found = re.match(r"\s*(\w+)\[([\d,]*)\]", line)
+      if found and "from the argument" not in line and found.group(2).count(",") >= 1:
+        n = int(np.prod([int(d) for d in found.group(2).split(",")]))
+        if n >= 4 * 4 * 4 * 8:  # activation-sized, not a per-channel statistic
+          kind = found.group(1)
+          sizes[kind] = sizes.get(kind, 0) + n * {"f32": 4, "bf16": 2}.get(kind, 1)
+    saved[policy] = sizes
+  assert saved["float32"].get("f32", 0) > 0, saved
+  assert set(saved["bfloat16"]) <= {"bf16", "bool"}, saved
+  assert sum(saved["bfloat16"].values()) < 0.55 * sum(saved["float32"].values()), saved
+
+
+def test_mixed_prelu_gradients_equal_float32_autodiff():
+  from bcdnet_jax import layers
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 5, 8)), jnp.bfloat16)
+  slope = jnp.asarray(np.random.default_rng(4).uniform(0.1, 0.4, 8), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.bfloat16)
+  y, vjp = jax.vjp(layers.prelu_mixed, x, slope)
+  ref_y, ref_vjp = jax.vjp(lambda x, s: jnp.where(x >= 0, x, s * x), x.astype(jnp.float32),
+                           slope)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_y.astype(jnp.bfloat16)))
+  gx, gs = vjp(g)
+  rx, rs = ref_vjp(g.astype(jnp.float32))
+  assert gx.dtype == jnp.bfloat16 and gs.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(gx), np.asarray(rx.astype(jnp.bfloat16)))
+  np.testing.assert_allclose(np.asarray(gs), np.asarray(rs), rtol=1e-6)
