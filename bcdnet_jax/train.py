@@ -10,7 +10,6 @@ is configured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bcdnet_jax import checkpoint, errors, fileio, models, preprocessing, runtime
+from bcdnet_jax import checkpoint, errors, fileio, metric_writer, models, preprocessing, runtime
 
 # `bcdnet_jax.data` (TensorFlow) is imported inside the functions that build pipelines, so
 # the steps, losses and optimiser work where TensorFlow is not installed (bench/ on GPUs).
@@ -281,34 +280,6 @@ def _data_config(config):
 
 
 
-class _Writer:
-  """TensorBoard scalars and a metrics log, on process 0 only."""
-
-  def __init__(self, workdir):
-    self.active = jax.process_index() == 0
-    if self.active:
-      import tensorflow as tf
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      self._log = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-  def scalars(self, step, values: dict):
-    if not self.active:
-      return
-    with self._writer.as_default():
-      for k, v in values.items():
-        self._tf.summary.scalar(k, float(v), step=step)
-    self._writer.flush()
-    self._log.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
-                                                       values.items()}}) + "\n")
-    self._log.flush()
-
-  def close(self):
-    if self.active:
-      self._writer.close()
-      self._log.close()
-
-
 def resolve_num_classes(config, builder) -> int:
   from bcdnet_jax import data
   n = data.num_classes(builder)
@@ -480,7 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def evaluate_now(state):
     return run_evaluation(p_eval, state, plan.builder, dcfg, config.eval_batch_size, rt)
 
-  writer = _Writer(workdir)
+  writer = metric_writer.MetricWriter(workdir, start_step=start_step,
+                                      active=jax.process_index() == 0)
   try:
     state, step, stopped = _train_loop(
         config, rt, plan, state, start_step, p_train, teacher_state, train_iter, manager,
