@@ -220,6 +220,16 @@ def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.
                           "pip install 'bcdnet-jax[torch]'") from e
   import pickle
   try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    raise ConversionError(f"{path}: cannot read: {e}") from None
+  if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+    # torch.save writes a zip archive (or, legacy, a pickle: protocol >= 2 starts with
+    # 0x80); anything else would reach the unpickler and read as a refused pickle
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (neither torch's zip "
+                          f"format nor a pickle; starts with {magic!r})")
+  try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -257,7 +267,21 @@ def _extract_state_dict(obj: Any, path: str, key: str | None) -> dict[str, np.nd
   keys = list(sd)
   if all(k.startswith("module.") for k in keys):
     keys = [k[len("module."):] for k in keys]
-  return {k: v.detach().cpu().numpy() for k, v in zip(keys, sd.values())}
+  return {k: _to_numpy(v, k, path) for k, v in zip(keys, sd.values())}
+
+
+def _to_numpy(t, key: str, path: str) -> np.ndarray:
+  """A saved tensor as numpy, exactly: bfloat16 (which numpy lacks) widens to float32,
+  which holds every bfloat16 value; float16/32/64 and integers keep their type. Types
+  numpy cannot hold (float8, quantized, sparse) are a ConversionError naming the key."""
+  import torch
+  if t.dtype == torch.bfloat16:
+    t = t.float()
+  try:
+    return t.detach().cpu().numpy()
+  except (TypeError, RuntimeError) as e:
+    raise ConversionError(f"{path}: tensor {key!r} ({t.dtype}, layout {t.layout}) cannot be "
+                          f"read: {e}") from None
 
 
 def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
@@ -271,6 +295,7 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
   entries = torch_entries(model)
   expected = {e.torch_key for e in entries}
   missing, mismatched, nonfinite, values, defaults = [], [], [], {}, {}
+  wrong_dtype = []
   for e in entries:
     var = _get(model, e.path)
     if e.torch_key not in sd:
@@ -282,6 +307,13 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
     raw = np.asarray(sd[e.torch_key])
     x = from_torch_layout(e.kind, raw)
     current = var.get_value()  # an array or, in an abstract model, a ShapeDtypeStruct
+    # floats where floats belong (any width: float16 and bfloat16 widen exactly), integers
+    # for the BN batch counts; complex, bool or integer weights are not weights
+    want_kind = "iu" if e.kind == "count" else "f"
+    if raw.dtype.kind not in want_kind:
+      wrong_dtype.append(f"{e.torch_key}: {raw.dtype}, expected "
+                         f"{'an integer' if e.kind == 'count' else 'a floating'} type")
+      continue
     if tuple(x.shape) != tuple(current.shape):
       want = to_torch_layout(e.kind, np.zeros(current.shape, np.float32)).shape
       mismatched.append(f"{e.torch_key}: checkpoint {tuple(raw.shape)}, model {tuple(want)}")
@@ -294,6 +326,9 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
     raise ConversionError(f"{source}: non-finite values (NaN or infinity) in "
                           f"{len(nonfinite)} tensors: {_first(nonfinite, ', ')}; nothing "
                           "written")
+  if wrong_dtype:
+    raise ConversionError(f"{source}: {len(wrong_dtype)} tensors of the wrong type: "
+                          f"{_first(wrong_dtype, '; ')}; nothing written")
   if missing or unexpected or mismatched:
     parts = []
     if missing:
@@ -366,7 +401,9 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
             "reason": f"no torch reference for family={model.spec.family} "
                       f"dynamic={model.spec.dynamic}"}
   ref = torch_ref.build(model.spec)
-  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+  # the weights as converted: float16 widens exactly, float64 rounds to the model's float32
+  ref.load_state_dict({k: torch.from_numpy(np.array(v, np.float32 if v.dtype.kind == "f"
+                                                    else v.dtype)) for k, v in sd.items()},
                       strict=True)
   ref.eval()
   x64 = np.random.default_rng(seed).standard_normal(
@@ -439,14 +476,48 @@ def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
+  """`--override KEY=VALUE` -> (key, value): VALUE is a Python literal ([4,8,16], 3, True,
+  'paper') or a bare word (paper); anything else is a ConversionError naming the flag."""
   import ast
   if "=" not in text:
-    raise ValueError(f"--override {text!r}: expected KEY=VALUE, e.g. channels=[4,8,16]")
-  key, value = text.split("=", 1)
+    raise ConversionError(f"--override {text!r}: expected KEY=VALUE, e.g. "
+                          "channels=[4,8,16]")
+  key, value = (part.strip() for part in text.split("=", 1))
+  if not key:
+    raise ConversionError(f"--override {text!r}: no KEY before '='")
   try:
-    return key.strip(), ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key.strip(), value  # a bare string such as shift_mode=paper
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    if re.fullmatch(r"[A-Za-z_][\w.-]*", value):
+      return key, value  # a bare string such as shift_mode=paper
+    raise ConversionError(
+        f"--override {key}={value}: cannot parse the value {value!r} (expected a Python "
+        "literal such as [4,8,16], 3, True or 'paper', or a bare word)") from None
+
+
+def parse_overrides(texts, arch: str, *, stage: int = 2,
+                    num_classes: int = 1000) -> dict[str, Any]:
+  """Parses `--override KEY=VALUE` flags and checks them against model `arch`.
+
+  Every mistake (not KEY=VALUE, an unknown key, an unparsable value, a value of the wrong
+  type or out of range) is a ConversionError whose message names `--override` and the key.
+  The overrides are applied in the order given (a repeated key: the last wins), and an
+  invalid spec is blamed on the first key whose addition makes it invalid.
+  """
+  pairs = [(_parse_override(t), t) for t in texts]
+  known = {f.name for f in dataclasses.fields(models.ModelSpec)} - {"stage", "num_classes"}
+  known.add("mlp_width")
+  overrides: dict[str, Any] = {}
+  for (key, value), text in pairs:
+    if key not in known:
+      raise ConversionError(f"--override {text}: unknown key {key!r}; expected one of "
+                            f"{sorted(known)}")
+    overrides[key] = value
+    try:
+      models.get_spec(arch, stage=stage, num_classes=num_classes, **overrides)
+    except (ValueError, TypeError) as e:
+      raise ConversionError(f"--override {text}: {e}") from None
+  return overrides
 
 
 def main(argv=None) -> int:
@@ -472,7 +543,8 @@ def main(argv=None) -> int:
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   args = p.parse_args(argv)
   try:
-    overrides = dict(_parse_override(o) for o in args.override)
+    overrides = parse_overrides(args.override, args.arch, stage=args.stage,
+                                num_classes=args.num_classes)
     report = convert_file(args.torch_ckpt, args.arch, args.stage, args.out,
                           num_classes=args.num_classes, overrides=overrides,
                           ckpt_key=args.ckpt_key, check=not args.no_check,

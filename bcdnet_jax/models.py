@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -102,6 +103,11 @@ class ModelSpec:
   in_channels: int = 3
 
   def validate(self):
+    """Checks every field's type and range; raises ValueError naming the field."""
+    for name, (check, want) in _FIELD_TYPES.items():
+      value = getattr(self, name)
+      if not check(value):
+        raise ValueError(f"model spec: {name} must be {want}, got {value!r}")
     if self.family not in ("mobilenet", "resnet18", "resnet50"):
       raise ValueError(f"model spec: unknown family {self.family!r}")
     if self.stage not in (1, 2):
@@ -136,6 +142,20 @@ class ModelSpec:
                        "divisible by 4 (four shift groups)")
     if self.mlp_groups < 0:
       raise ValueError("model spec: mlp_groups must be >= 0")
+    for name in ("dynamic_reduction", "in_channels"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model spec: {name} must be >= 1, got {getattr(self, name)}")
+    if self.family == "resnet18" and any(n < 1 for n in self.blocks_per_stage):
+      raise ValueError("model spec: blocks_per_stage must be positive ints, got "
+                       f"{list(self.blocks_per_stage)}")
+    if isinstance(self.shift_mode, int) and self.shift_mode < 0:
+      raise ValueError(f"model spec: shift_mode must be 'released', 'paper' or an int >= 0, "
+                       f"got {self.shift_mode!r}")
+    if isinstance(self.shift_mode, str) and self.shift_mode not in ("released", "paper"):
+      raise ValueError(f"model spec: shift_mode must be 'released', 'paper' or an int >= 0, "
+                       f"got {self.shift_mode!r}")
+    if self.family == "mobilenet" and self.strides:
+      block_strides(self)  # one value of 1 or 2 per block
     return self
 
   def to_json(self) -> dict:
@@ -153,6 +173,41 @@ class ModelSpec:
       raise ValueError(f"model spec: unknown fields {sorted(unknown)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return cls(**d).validate()
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _ints(v) -> bool:
+  return isinstance(v, (tuple, list)) and all(_is_int(x) for x in v)
+
+
+def _strs(v) -> bool:
+  return isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
+
+
+# ModelSpec field -> (type check, what the message asks for): checked first by `validate`,
+# so a value of the wrong type (mlp_groups='two') is a ValueError naming the field.
+_FIELD_TYPES = {
+    "family": (lambda v: isinstance(v, str), "a string"),
+    "channels": (_ints, "a list of ints"),
+    "strides": (_ints, "a list of ints"),
+    "blocks_per_stage": (_ints, "a list of ints"),
+    "mlp_groups": (_is_int, "an int"),
+    "mlp_group": (_strs, "a list of strings"),
+    "shift_mode": (lambda v: isinstance(v, str) or _is_int(v), "'released', 'paper' or an int"),
+    "dynamic": (lambda v: isinstance(v, bool), "True or False"),
+    "dynamic_reduction": (_is_int, "an int"),
+    "dynamic_relu": (lambda v: isinstance(v, bool), "True or False"),
+    "dynamic_3x3_only": (lambda v: isinstance(v, bool), "True or False"),
+    "activation_sign": (lambda v: isinstance(v, str), "a string"),
+    "compute_dtype": (lambda v: isinstance(v, str), "a string"),
+    "dtype_policy": (lambda v: isinstance(v, str), "a string"),
+    "stage": (_is_int, "1 or 2"),
+    "num_classes": (_is_int, "an int"),
+    "in_channels": (_is_int, "an int"),
+}
 
 
 PRESETS: dict[str, dict] = {
@@ -192,6 +247,8 @@ def get_spec(name: str, *, stage: int = 2, num_classes: int = 1000,
                        f"{sorted(fields - {'stage', 'num_classes'}) + ['mlp_width']}")
     kw[k] = tuple(v) if isinstance(v, list) else v
   if mlp_width is not None:
+    if not _is_int(mlp_width) or mlp_width < 1:
+      raise ValueError(f"model spec: mlp_width must be a positive int, got {mlp_width!r}")
     # The MLP stage runs at the width of the last conv block (no projection between).
     ch = list(kw["channels"])
     if "channels" in overrides and ch[-1] != mlp_width:

@@ -325,3 +325,106 @@ def test_non_finite_tensor_and_unwritable_output_are_refused(converted, tmp_path
       convert.convert_file("/nonexistent.pth", "bcdnet_a", 2, str(tmp_path / "out2"))
   finally:
     monkey.undo()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_every_saved_float_dtype_converts_exactly(tmp_path, dtype):
+  """The fixture's tensors saved in each floating type torch has: the model holds exactly
+  the saved values (float16 and bfloat16 widen to float32 exactly; float32 values saved as
+  float64 come back bit for bit), and the CLI converts the file."""
+  raw = raw_model_dict()
+  saved = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+           for k, v in raw.items()}
+  path = tmp_path / f"a3_{dtype}.pth"
+  torch.save({"model": saved}, path)
+  sd = convert.read_torch_checkpoint(str(path))
+  model, report = convert.from_torch_state_dict(sd, tiny_spec(2), source=str(path))
+  assert report["tensors_mapped"] == len(raw)
+  back = convert.to_torch_state_dict(model, prefix="module.")
+  for k, v in saved.items():
+    want = v.float() if v.is_floating_point() else v
+    assert torch.equal(back[k], want), k
+  out = tmp_path / "out"
+  assert convert.main(["--torch_ckpt", str(path), "--arch", "bcdnet_a", "--num_classes", "10",
+                       "--override", TINY_OVERRIDE, "--out", str(out), "--no_check"]) == 0
+  restored = checkpoint.restore_model(str(out))
+  np.testing.assert_array_equal(np.asarray(restored.head.kernel[...]),
+                                np.asarray(model.head.kernel[...]))
+
+
+def _cli_error(capsys, argv):
+  rc = convert.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+  return err
+
+
+@pytest.mark.parametrize("kind", ["complex", "integer", "bool", "float_count"])
+def test_tensors_of_the_wrong_type_are_one_error_line(tmp_path, capsys, kind):
+  raw = dict(raw_model_dict())
+  key = ("module.feature.3.bn1.num_batches_tracked" if kind == "float_count"
+         else "module.feature.3.bn1.weight")
+  v = raw[key]
+  raw[key] = {"complex": v.to(torch.complex64), "integer": v.to(torch.int64),
+              "bool": v > 0, "float_count": v.to(torch.float32)}[kind]
+  path = tmp_path / "wrong.pth"
+  torch.save({"model": raw}, path)
+  out = tmp_path / "out"
+  err = _cli_error(capsys, ["--torch_ckpt", str(path), "--arch", "bcdnet_a", "--num_classes",
+                            "10", "--override", TINY_OVERRIDE, "--out", str(out)])
+  assert "1 tensors of the wrong type" in err and key[len("module."):] in err
+  assert not out.exists()
+
+
+def test_unreadable_checkpoints_are_one_error_line(tmp_path, capsys):
+  data = open(fixture_ckpt("a_3"), "rb").read()
+  (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 3])
+  (tmp_path / "text.pth").write_text("not a checkpoint")
+  with open(tmp_path / "evil.pth", "wb") as f:
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, f)
+  torch.save({"model": {"module.fc.weight": torch.zeros(2), "module.note": "hello"}},
+             tmp_path / "strings.pth")
+  torch.save({"model": {"module.fc.weight": torch.zeros(2, dtype=torch.float8_e4m3fn)}},
+             tmp_path / "fp8.pth")
+  expected = {"trunc.pth": "truncated or another format", "text.pth": "not a readable",
+              "evil.pth": "refused to load", "strings.pth": "entries that are not tensors",
+              "fp8.pth": "cannot be read"}
+  for name, words in expected.items():
+    err = _cli_error(capsys, ["--torch_ckpt", str(tmp_path / name), "--arch", "bcdnet_a",
+                              "--out", str(tmp_path / f"out_{name}")])
+    assert words in err and name in err, err
+    assert not (tmp_path / f"out_{name}").exists()
+
+
+@pytest.mark.parametrize("override,words", [
+    ("channels=[4,8,16", "cannot parse the value '[4,8,16'"),
+    ("mlp_groups=two", "mlp_groups must be an int, got 'two'"),
+    ("mlp_groups=-1", "mlp_groups must be >= 0"),
+    ("mlp_groups", "expected KEY=VALUE"),
+    ("widths=[4,8]", "unknown key 'widths'"),
+    ("channels=[4,8,'a']", "channels must be a list of ints"),
+    ("channels=[4,8,17]", "a basic block goes from C to C or 2C"),
+    ("shift_mode=middle", "shift_mode must be 'released', 'paper' or an int"),
+    ("dynamic=1", "dynamic must be True or False"),
+    ("dynamic_reduction=0", "dynamic_reduction must be >= 1"),
+    ("strides=[1,2]", "strides must be 10 values of 1 or 2"),
+    ("mlp_width=wide", "mlp_width must be a positive int"),
+    ("dtype_policy=float8", "dtype_policy must be one of"),
+])
+def test_every_bad_override_is_one_error_line_naming_flag_and_key(tmp_path, capsys, override,
+                                                                 words):
+  out = tmp_path / "out"
+  err = _cli_error(capsys, ["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
+                            "--num_classes", "10", "--override", TINY_OVERRIDE,
+                            "--override", override, "--out", str(out)])
+  assert f"--override {override}" in err or f"--override {override!r}" in err, err
+  assert words in err, err
+  assert not out.exists()
+
+
+def test_overrides_parse_literals_and_bare_words():
+  got = convert.parse_overrides([TINY_OVERRIDE, "shift_mode=paper", "mlp_groups=1",
+                                 "dynamic=True"], "bcdnet_a", num_classes=10)
+  assert got == dict(channels=TINY_CHANNELS, shift_mode="paper", mlp_groups=1, dynamic=True)
+  assert set(models._FIELD_TYPES) == {f.name for f in
+                                      models.dataclasses.fields(models.ModelSpec)}
