@@ -377,7 +377,7 @@ __all__ = ["ConversionError", "torch_entries", "to_torch_state_dict", "state_to_
 # --- the whole conversion --------------------------------------------------------------------
 
 def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: int = 224,
-               batch: int = 2, seed: int = 0) -> dict:
+               batch: int = 2, seed: int = 0, policy: str = "float32") -> dict:
   """Runs the torch reference on the same weights and random images; compares logits.
 
   The verdict comes from float64 (the torch reference `.double()`, our model cast to
@@ -386,7 +386,9 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
   (swapped or transposed tensors, another BN epsilon) does not. In float32 a binary
   activation whose input is within rounding of 0 can flip between any two
   implementations and the difference grows through later layers: reported, with the
-  number of flipped binary activations (float32 against float64), not judged.
+  number of flipped binary activations (float32 against float64), not judged. The float32
+  run is under dtype policy `policy`: 'float32' (true float32 products on every backend)
+  unless told otherwise ('tf32': the backend's default products; see models.ModelSpec).
 
   Returns {'status': 'skipped', 'reason': ...} where torch or a reference is missing.
   """
@@ -412,19 +414,21 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
   with torch.no_grad():
     expected32 = ref(torch.from_numpy(x32)).numpy()
     expected64 = ref.double()(torch.from_numpy(x64)).numpy()
+  model = nnx.clone(model)
   model.eval()
-  try:
-    got32, signs32 = precision.logits_and_signs(model, jnp.asarray(x32.transpose(0, 2, 3, 1)))
-    with jax.enable_x64(True):
-      model64 = models.cast_floating(model, jnp.float64)
-      got64, signs64 = precision.logits_and_signs(model64, jnp.asarray(x64.transpose(0, 2, 3, 1)))
-      got64 = np.asarray(got64)
-  finally:
-    model.train()
+  # the float64 verdict always at HIGHEST, whatever `policy` and the backend
+  model64 = models.set_dtype_policy(nnx.clone(model), "float32")
+  models.set_dtype_policy(model, policy)
+  got32, signs32 = precision.logits_and_signs(model, jnp.asarray(x32.transpose(0, 2, 3, 1)))
+  with jax.enable_x64(True):
+    model64 = models.cast_floating(model64, jnp.float64)
+    got64, signs64 = precision.logits_and_signs(model64, jnp.asarray(x64.transpose(0, 2, 3, 1)))
+    got64 = np.asarray(got64)
   got32 = np.asarray(got32)
   flipped = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(signs32, signs64))
   scale64 = max(1.0, float(np.max(np.abs(expected64))))
   return {"status": "ran", "image_size": image_size, "batch": batch,
+          "policy": models.resolve_dtype_policy(policy),
           "float64_max_abs_logit_diff": float(np.max(np.abs(got64 - expected64))),
           "float64_rel_diff": float(np.max(np.abs(got64 - expected64))) / scale64,
           "max_abs_logit_diff": float(np.max(np.abs(got32 - expected32))),
@@ -451,7 +455,8 @@ def check_or_raise(chk: dict, tolerance: float) -> None:
 def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
                  num_classes: int = 1000, overrides: dict | None = None,
                  ckpt_key: str | None = None, check: bool = True,
-                 check_image_size: int = 224, check_tolerance: float = 1e-6) -> dict:
+                 check_image_size: int = 224, check_tolerance: float = 1e-6,
+                 check_policy: str = "float32") -> dict:
   """Converts a torch checkpoint into a model directory `out`; returns the report.
 
   Everything is validated (keys, shapes, the self-check against the torch reference
@@ -469,7 +474,8 @@ def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
   report.update(source=os.path.abspath(torch_ckpt), arch=arch, stage=stage,
                 num_classes=num_classes)
   if check:
-    report["self_check"] = chk = self_check(model, sd, image_size=check_image_size)
+    report["self_check"] = chk = self_check(model, sd, image_size=check_image_size,
+                                            policy=check_policy)
     check_or_raise(chk, check_tolerance)
   report["out"] = checkpoint.save_model(model, out, extra={"converted_from": report})
   return report
@@ -540,6 +546,11 @@ def main(argv=None) -> int:
   p.add_argument("--check_image_size", type=int, default=224)
   p.add_argument("--check_tolerance", type=float, default=1e-6,
                  help="largest float64 logit difference, relative to max(1, max |logit|)")
+  p.add_argument("--check_policy", default="float32",
+                 choices=[p for p in models.DTYPE_POLICIES if p != "bfloat16"],
+                 help="dtype policy of the self-check's float32 run: float32 (true float32 "
+                      "products on every backend, the default) or tf32 (the backend's "
+                      "default products: TF32 on recent NVIDIA GPUs)")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   args = p.parse_args(argv)
   try:
@@ -549,7 +560,8 @@ def main(argv=None) -> int:
                           num_classes=args.num_classes, overrides=overrides,
                           ckpt_key=args.ckpt_key, check=not args.no_check,
                           check_image_size=args.check_image_size,
-                          check_tolerance=args.check_tolerance)
+                          check_tolerance=args.check_tolerance,
+                          check_policy=args.check_policy)
   except ValueError as e:  # ConversionError, CheckpointError (UserErrors), bad specs
     return errors.report(e)
   if args.json:
@@ -565,7 +577,7 @@ def main(argv=None) -> int:
           f"{chk['image_size']}px): float64 max |logit diff| = "
           f"{chk['float64_max_abs_logit_diff']:.3g} ({chk['float64_rel_diff']:.2g} of the "
           f"scale)")
-    print(f"  float32: max |logit diff| = {chk['max_abs_logit_diff']:.3g} (max |logit| "
+    print(f"  {chk['policy']}: max |logit diff| = {chk['max_abs_logit_diff']:.3g} (max |logit| "
           f"{chk['max_abs_logit']:.3g}), top-1 agree: {chk['top1_agree']}, binary "
           f"activations flipped vs float64: {chk['flipped_binary_activations']:,} of "
           f"{chk['binary_activations']:,}")

@@ -7,6 +7,13 @@ Mixed precision (`ModelSpec.dtype_policy`): every layer returns its input's dtyp
 model whose input is cast to bfloat16 stores bfloat16 activations between layers, while
 parameters stay float32 and each layer computes its element-wise math and reductions in
 `compute_type(x)` (at least float32). In float32 and float64 nothing is cast.
+
+Precision of products: every convolution and matrix product (forward, and the backward
+products of the custom VJPs) takes the `precision` of its layer, 'highest' (true float32:
+XLA's default computes float32 products as TF32 on NVIDIA GPUs since Ampere and with
+bfloat16 passes on TPUs; CPUs compute float32 either way) or 'default' (the backend's
+choice). `models.set_dtype_policy` sets it from the policy: 'float32' -> 'highest',
+'tf32' and 'bfloat16' -> 'default'. Integer products have no precision.
 """
 
 from __future__ import annotations
@@ -32,6 +39,26 @@ def _torch_bias_init(fan_in):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+PRECISIONS = ("highest", "default")
+
+
+def lax_precision(name: str):
+  """'highest' -> `jax.lax.Precision.HIGHEST` (true float32 products on every backend);
+  'default' -> None (the backend's default, or `jax_default_matmul_precision` if set)."""
+  if name not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+  return jax.lax.Precision.HIGHEST if name == "highest" else None
+
+
+def _float_precision(dtype, precision: str):
+  """The lax precision for products of `dtype` operands: `precision` for float32 and
+  float64; None for integers and for bfloat16 / float16 operands (one pass is exact
+  for them already; the mixed policy stays as it was)."""
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 4:
+    return lax_precision(precision)
+  return None
 
 
 def compute_type(x):
@@ -192,30 +219,35 @@ def _pointwise(kernel, padding: int) -> bool:
   return kernel.shape[0] == kernel.shape[1] == 1 and padding == 0
 
 
-def conv(x, kernel, stride: int, padding: int, acc=None):
+def conv(x, kernel, stride: int, padding: int, acc=None, precision: str = "highest"):
   """NHWC x HWIO cross-correlation, formulated the way XLA:CPU runs fastest.
 
   A 1x1 convolution is a matrix product over tokens, and XLA:CPU runs it as `dot` 1.4-4x
   faster than as a convolution (bench: 7x7x1024 token-wise MLPs 54 -> 99 GFLOP/s in
   float32, 86 -> 121 GOP/s in int8). `acc` is the accumulation type (int32 for int8).
   A real kernel is cast to the activations' type (bfloat16 under the mixed policy; the
-  backends accumulate bfloat16 products in float32).
+  backends accumulate bfloat16 products in float32). `precision`: 'highest' or 'default'
+  (`lax_precision`), ignored for integer operands.
   """
   if kernel.dtype != x.dtype and jnp.issubdtype(x.dtype, jnp.floating):
     kernel = kernel.astype(x.dtype)
+  prec = _float_precision(x.dtype, precision)
   if _pointwise(kernel, padding):
     xs = x[:, ::stride, ::stride] if stride > 1 else x
     n, h, w, c = xs.shape
     y = jax.lax.dot_general(xs.reshape(n * h * w, c), kernel.reshape(c, -1),
-                            (((1,), (0,)), ((), ())), preferred_element_type=acc)
+                            (((1,), (0,)), ((), ())), precision=prec,
+                            preferred_element_type=acc)
     return y.reshape(n, h, w, -1)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride),
       padding=((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=prec,
+      preferred_element_type=acc)
 
 
-def conv_input_grad(g, kernel, in_shape, stride: int, padding: int):
+def conv_input_grad(g, kernel, in_shape, stride: int, padding: int,
+                    precision: str = "highest"):
   """dL/dx of `conv` for the output gradient g (the transposed convolution).
 
   1x1: g W^T as one matrix product (no kernel transpose). Strided k x k on CPU: one
@@ -228,11 +260,13 @@ def conv_input_grad(g, kernel, in_shape, stride: int, padding: int):
   _, h, w, c = in_shape
   zero = jnp.zeros((), g.dtype)
   if not _pointwise(kernel, padding) and (stride == 1 or jax.default_backend() != "cpu"):
-    _, vjp = jax.vjp(lambda x: conv(x, kernel, stride, padding),
+    _, vjp = jax.vjp(lambda x: conv(x, kernel, stride, padding, precision=precision),
                      jnp.zeros(in_shape, g.dtype))
-    return vjp(g)[0]
+    return vjp(g)[0]  # the transposed conv keeps the forward's precision
   taps = jax.lax.dot_general(g.reshape(-1, o), kernel.astype(g.dtype).reshape(-1, o),
-                             (((1,), (1,)), ((), ())), preferred_element_type=g.dtype)
+                             (((1,), (1,)), ((), ())),
+                             precision=_float_precision(g.dtype, precision),
+                             preferred_element_type=g.dtype)
   taps = taps.reshape(n, ho, wo, k, k, c)
   # Canvas row i is input row i - padding; tap (dy, dx) of output (y, x) lands on
   # canvas (stride * y + dy, stride * x + dx).
@@ -248,7 +282,8 @@ def conv_input_grad(g, kernel, in_shape, stride: int, padding: int):
   return out[:, padding:padding + h, padding:padding + w]
 
 
-def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int):
+def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int,
+                     precision: str = "highest"):
   """dL/dW of `conv` as kernel_size^2 matrix products x_shifted^T g.
 
   The same sum as XLA's own weight-gradient convolution, which XLA:CPU runs 2-7x slower
@@ -257,6 +292,7 @@ def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int):
   weight gradient to bfloat16.
   """
   acc = compute_type(g)
+  prec = _float_precision(g.dtype, precision)
   _, _, _, c = x.shape
   _, ho, wo, o = g.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -266,28 +302,29 @@ def conv_weight_grad(x, g, kernel_size: int, stride: int, padding: int):
     for dx in range(kernel_size):
       xs = xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
       taps.append(jax.lax.dot_general(xs.reshape(-1, c), g2, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=acc))
+                                      precision=prec, preferred_element_type=acc))
   return jnp.stack(taps).reshape(kernel_size, kernel_size, c, o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, kernel, stride: int = 1, padding: int = 0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x, kernel, stride: int = 1, padding: int = 0, precision: str = "highest"):
   """NHWC x HWIO cross-correlation with symmetric zero padding (torch's Conv2d).
 
   Its gradient is the exact one, computed by `conv_input_grad` and `conv_weight_grad`
-  (formulations XLA:CPU runs faster than autodiff of its convolution).
+  (formulations XLA:CPU runs faster than autodiff of its convolution), with the forward's
+  `precision` ('highest' or 'default', see `lax_precision`).
   """
-  return conv(x, kernel, stride, padding)
+  return conv(x, kernel, stride, padding, precision=precision)
 
 
-def _conv2d_fwd(x, kernel, stride, padding):
-  return conv(x, kernel, stride, padding), (x, kernel)
+def _conv2d_fwd(x, kernel, stride, padding, precision):
+  return conv(x, kernel, stride, padding, precision=precision), (x, kernel)
 
 
-def _conv2d_bwd(stride, padding, res, g):
+def _conv2d_bwd(stride, padding, precision, res, g):
   x, kernel = res
-  gx = conv_input_grad(g, kernel, x.shape, stride, padding)
-  gw = conv_weight_grad(x, g, kernel.shape[0], stride, padding)
+  gx = conv_input_grad(g, kernel, x.shape, stride, padding, precision)
+  gw = conv_weight_grad(x, g, kernel.shape[0], stride, padding, precision)
   return gx.astype(x.dtype), gw.astype(kernel.dtype)
 
 
@@ -303,34 +340,36 @@ class Conv(nnx.Module):
         rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
     self.stride = stride
     self.padding = padding
+    self.precision = "highest"  # set by models.set_dtype_policy
 
   def __call__(self, x):
-    return conv2d(x, self.kernel[...], self.stride, self.padding)
+    return conv2d(x, self.kernel[...], self.stride, self.padding, self.precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def binary_conv_lowp(x, kernel, stride, padding, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def binary_conv_lowp(x, kernel, stride, padding, dtype, precision="highest"):
   """conv(x, mean|W| * sign(W)) with the ±1 x ±1 products in `dtype` (int8 or bfloat16).
 
   x (values in {-1, 0, 1}) and sign(W) are exact in int8 and bfloat16, and their integer
   sums are exact in int32 (int8) or float32 (bfloat16, below 2^24 terms), so the result
   equals the float32 convolution up to the final per-channel scaling; only that rounds
   (and the cast to x's dtype, bfloat16 under the mixed policy).
-  The backward is the float32 one (the released STE), recomputed from the saved operands.
+  The backward is the float32 one (the released STE), recomputed from the saved operands,
+  its products at `precision`.
   """
   acc = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
-  y = conv(x.astype(dtype), jnp.sign(kernel).astype(dtype), stride, padding, acc)
+  y = conv(x.astype(dtype), jnp.sign(kernel).astype(dtype), stride, padding, acc, precision)
   return (y.astype(jnp.float32) * binarize.weight_scale(kernel).reshape(-1)).astype(x.dtype)
 
 
-def _binary_conv_lowp_fwd(x, kernel, stride, padding, dtype):
-  return binary_conv_lowp(x, kernel, stride, padding, dtype), (x, kernel)
+def _binary_conv_lowp_fwd(x, kernel, stride, padding, dtype, precision):
+  return binary_conv_lowp(x, kernel, stride, padding, dtype, precision), (x, kernel)
 
 
-def _binary_conv_lowp_bwd(stride, padding, dtype, res, g):
+def _binary_conv_lowp_bwd(stride, padding, dtype, precision, res, g):
   x, kernel = res
-  _, vjp = jax.vjp(lambda x, k: conv2d(x, binarize.binarize_weight(k), stride, padding),
-                   x, kernel)
+  _, vjp = jax.vjp(lambda x, k: conv2d(x, binarize.binarize_weight(k), stride, padding,
+                                       precision), x, kernel)
   return vjp(g)
 
 
@@ -359,6 +398,7 @@ class BinaryConv(nnx.Module):
     self.padding = padding
     self.binary_weights = binary_weights
     self.compute_dtype = "float32"
+    self.precision = "highest"  # set by models.set_dtype_policy
 
   def weight(self):
     w = self.kernel[...]
@@ -370,8 +410,8 @@ class BinaryConv(nnx.Module):
       operands = x.dtype  # ±1 is exact in bfloat16 / float16: no float32 copy
     if self.binary_weights and operands != "float32":
       return binary_conv_lowp(x, self.kernel[...], self.stride, self.padding,
-                              jnp.dtype(operands))
-    return conv2d(x, self.weight(), self.stride, self.padding)
+                              jnp.dtype(operands), self.precision)
+    return conv2d(x, self.weight(), self.stride, self.padding, self.precision)
 
 
 class Linear(nnx.Module):
@@ -383,10 +423,11 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
     self.bias = (nnx.Param(_torch_bias_init(in_features)(rngs.params(), (out_features,)))
                  if use_bias else None)
+    self.precision = "highest"  # set by models.set_dtype_policy
 
   def __call__(self, x):
     with jax.named_scope("dense"):  # kept float32 under the mixed policy (tests look for it)
-      y = x @ self.kernel[...]
+      y = jnp.matmul(x, self.kernel[...], precision=_float_precision(x.dtype, self.precision))
       return y + self.bias[...] if self.bias is not None else y
 
 

@@ -39,14 +39,21 @@ def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
   return AUTO_COMPUTE_DTYPE.get(backend or jax.default_backend(), "float32")
 
 
-DTYPE_POLICIES = ("float32", "bfloat16", "auto")
+DTYPE_POLICIES = ("float32", "tf32", "bfloat16", "auto")
 # ModelSpec fields that choose arithmetic, not architecture: free to differ between a run
 # and the checkpoint it resumes or starts from.
 ARITHMETIC_FIELDS = ("compute_dtype", "dtype_policy")
+# Precision of the float32 products per resolved policy (`layers.lax_precision`):
+# 'float32' pins them to true float32 on every backend; 'tf32' leaves them to the backend
+# (TF32 tensor cores on NVIDIA GPUs since Ampere, one bfloat16 pass on TPUs, float32 on
+# CPUs); 'bfloat16' as before: its products are bfloat16 x bfloat16 with float32 sums,
+# and its few float32 products (the heads, dynamic embeddings) take the backend's default.
+POLICY_PRECISION = {"float32": "highest", "tf32": "default", "bfloat16": "default"}
 # Activation storage type of 'auto' per backend. CPU: float32 (bench/train_step.py, 2-core
 # AVX2 machine, full-size step at batch 8: 3.49 s with the bfloat16 policy against 3.08 s;
 # XLA:CPU widens bfloat16). GPUs stay float32 until bench/device.sh has measured the
-# bfloat16 policy against float32 there; TPUs store bfloat16 natively.
+# bfloat16 policy against float32 there; TPUs store bfloat16 natively. 'auto' never picks
+# 'tf32': on CPU and GPU it is true float32, as the authors trained and evaluated.
 AUTO_DTYPE_POLICY = {"cpu": "float32", "gpu": "float32", "cuda": "float32",
                      "rocm": "float32", "tpu": "bfloat16"}
 
@@ -75,11 +82,15 @@ class ModelSpec:
     'int8' (int32 accumulation), 'bfloat16' (float32 accumulation), all exact, or 'auto'
     (the fastest exact one on the default backend, `resolve_compute_dtype`); everything
     else stays float32.
-  dtype_policy: 'float32' (the reference: everything float32), 'bfloat16' (mixed
+  dtype_policy: 'float32' (the reference: everything float32, every convolution and
+    matrix product in true float32 on every backend, `jax.lax.Precision.HIGHEST`), 'tf32'
+    (float32 storage, products at the backend's default precision: TF32 on NVIDIA GPUs
+    since Ampere, bfloat16 passes on TPUs, float32 on CPUs), 'bfloat16' (mixed
     precision: activations stored in bfloat16 between layers, binary convs on exact ±1
     bfloat16 operands with float32 sums; parameters, BN statistics, element-wise math,
-    reductions and the logits float32) or 'auto' (`resolve_dtype_policy`). Like
-    compute_dtype a choice of arithmetic, not of architecture.
+    reductions and the logits float32) or 'auto' (`resolve_dtype_policy`: float32 on CPU
+    and GPU, bfloat16 on TPU). Like compute_dtype a choice of arithmetic, not of
+    architecture.
   activation_sign: surrogate gradient of the activation sign ('approx' as released,
     'ste' clipped or 'identity' straight-through, for ablations).
   """
@@ -405,13 +416,15 @@ def _to_activation_dtype(x, dtype: str):
 def set_dtype_policy(model: nnx.Module, policy: str) -> nnx.Module:
   """Makes `model` (BCDNet or ResNet50) compute under `policy` (see ModelSpec); in place.
 
-  'float32' leaves the input's type alone, so a model cast to float64 computes in
-  float64; 'bfloat16' casts the images to bfloat16 on entry and every layer keeps it.
+  'float32' and 'tf32' leave the input's type alone, so a model cast to float64 computes
+  in float64; 'bfloat16' casts the images to bfloat16 on entry and every layer keeps it.
+  Every conv and dense layer gets the policy's product precision (`POLICY_PRECISION`).
   """
   if policy not in DTYPE_POLICIES:
     raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {policy!r}")
   resolved = resolve_dtype_policy(policy)
-  model.activation_dtype = "" if resolved == "float32" else resolved
+  model.activation_dtype = "bfloat16" if resolved == "bfloat16" else ""
+  model.set_attributes(precision=POLICY_PRECISION[resolved], raise_if_not_found=False)
   return model
 
 

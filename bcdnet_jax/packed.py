@@ -14,7 +14,9 @@ real-valued stem and one classifier head (the mean of the two). Three paths comp
 - 'float': ±1/0 as float32 (the reference the other two must equal).
 
 D is an exact integer on every path, so the paths differ only by float rounding in the
-real-valued parts, which they share. No pickle, no torch: numpy, JAX and this package.
+real-valued parts, which they share; their products (stem, shortcuts, dynamic embeddings,
+head) are true float32 on every backend (`jax.lax.Precision.HIGHEST`, as the model's
+'float32' policy), never TF32. No pickle, no torch: numpy, JAX and this package.
 
 File layout: b"BCDNETJX", uint32 format version, uint32 header length, the 32-byte
 sha256 of the header and the data together, the JSON header (spec, program, tensor table,
@@ -133,16 +135,21 @@ def _rprelu(t, name, x):
   return jnp.where(x >= 0, x, t[name + ".slope"] * x) + t[name + ".shift_out"]
 
 
+def _matmul(a, b):
+  """a @ b in true float32 (not TF32 / bfloat16 passes on accelerators)."""
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _binarize(t, name, x, relu: bool):
   """sign(x + threshold (+ alpha)) and the folded post-conv offset beta (0 if static)."""
   thr = x + t[name + ".threshold"]
   if name + ".embed" not in t:
     return jnp.sign(thr), 0.0
-  e = jnp.mean(x, axis=(1, 2)) @ t[name + ".embed"]
+  e = _matmul(jnp.mean(x, axis=(1, 2)), t[name + ".embed"])
   if relu:
     e = jax.nn.relu(e)
-  alpha = (e @ t[name + ".alpha"])[:, None, None, :]
-  beta = (e @ t[name + ".beta"])[:, None, None, :]
+  alpha = _matmul(e, t[name + ".alpha"])[:, None, None, :]
+  beta = _matmul(e, t[name + ".beta"])[:, None, None, :]
   return jnp.sign(thr + alpha), beta
 
 
@@ -219,7 +226,7 @@ def _run_r18(t, x, op, path, relu):
 
 
 def _run_head(t, x, op, path, relu):
-  return jnp.mean(x, axis=(1, 2)) @ t[op["name"] + ".kernel"] + t[op["name"] + ".bias"]
+  return _matmul(jnp.mean(x, axis=(1, 2)), t[op["name"] + ".kernel"]) + t[op["name"] + ".bias"]
 
 
 def _binary_site_tensors(n, sites):

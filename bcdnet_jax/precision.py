@@ -26,12 +26,14 @@ def logits_and_signs(model, x):
 
 
 def compare_policies(model: nnx.Module, images, *, policy: str = "bfloat16",
-                     batch_size: int = 64) -> dict:
-  """Evaluation-mode outputs of `model` under float32 and under `policy`, on `images`
-  (NHWC, normalised). Returns counts of binary activations that differ, top-1
-  agreement and the largest logit difference (relative to the largest float32 logit)."""
+                     reference: str = "float32", batch_size: int = 64) -> dict:
+  """Evaluation-mode outputs of `model` under `reference` (true float32 unless told
+  otherwise) and under `policy` (e.g. 'bfloat16', or 'tf32' for the GPUs' default
+  products), on `images` (NHWC, normalised). Returns counts of binary activations that
+  differ, top-1 agreement and the largest logit difference (relative to the largest
+  reference logit)."""
   ref, low = nnx.clone(model), nnx.clone(model)
-  models.set_dtype_policy(ref, "float32")
+  models.set_dtype_policy(ref, reference)
   models.set_dtype_policy(low, policy)
   ref.eval()
   low.eval()
@@ -49,7 +51,8 @@ def compare_policies(model: nnx.Module, images, *, policy: str = "bfloat16",
     max_diff = max(max_diff, float(np.max(np.abs(y32 - ylo))))
     max_logit = max(max_logit, float(np.max(np.abs(y32))))
   n = len(images)
-  return {"policy": models.resolve_dtype_policy(policy), "images": n,
+  return {"policy": models.resolve_dtype_policy(policy),
+          "reference": models.resolve_dtype_policy(reference), "images": n,
           "binary_activations": total, "flipped_binary_activations": flipped,
           "flipped_fraction": flipped / max(total, 1), "top1_agreement": agree / max(n, 1),
           "max_abs_logit_diff": max_diff, "max_abs_logit": max_logit}

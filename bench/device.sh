@@ -14,8 +14,11 @@
 #   - the baseline a PyTorch user tuning for speed runs: bf16 autocast + channels_last +
 #     torch.compile (+ fused AdamW), training with and without the ResNet-50 teacher, and
 #     inference; warm-up (compile) seconds reported apart;
-#   - JAX with the bfloat16 policy (`--config.model.dtype_policy=bfloat16`) and float32,
-#     the model in evaluation mode and the deploy artefact;
+#   - JAX with the bfloat16 policy (`--config.model.dtype_policy=bfloat16`), float32 (true
+#     float32 products, Precision.HIGHEST) and tf32 (float32 storage, the GPU's default
+#     TF32 products), the model in evaluation mode and the deploy artefact;
+#   - what TF32 products change against true float32 (bench/precision.py --policy tf32:
+#     flipped binary activations, top-1 agreement; $OUT/precision_tf32/);
 #   - the released recipe's PyTorch fp32 eager;
 #   - a profile of the JAX bfloat16 training step (bench/profile_step.py).
 # $OUT/device_results.md (a table with the ratio to the torch.compile rows) grows as
@@ -78,7 +81,8 @@ row() {  # row <cap_s> <script> <label> <args...>
 }
 row 300 train_step.py "train torch bf16+channels_last+compile b$B" --framework torch --precision bf16 --compile
 row 150 train_step.py "train jax bf16 policy b$B" --framework jax --policy bfloat16 --precision auto
-row 120 train_step.py "train jax float32 b$B" --framework jax --policy float32 --precision float32
+row 120 train_step.py "train jax float32 (true fp32 products) b$B" --framework jax --policy float32 --precision float32
+row 120 train_step.py "train jax tf32 (default products) b$B" --framework jax --policy tf32 --precision float32
 row 200 inference.py "infer torch bf16+channels_last+compile b$B" --framework torch --path bf16-compile
 row 100 inference.py "infer jax model bf16 policy b$B" --framework jax --path bfloat16 --policy bfloat16
 row 100 inference.py "infer jax deploy-int8 b$B" --framework jax --path deploy-int8
@@ -88,7 +92,14 @@ row 150 train_step.py "train jax bf16 policy, int8 binary convs b$B" --framework
 row 100 inference.py "infer jax model bf16 policy, int8 b$B" --framework jax --path int8 --policy bfloat16
 row 90 train_step.py "train torch fp32 eager (as released) b$B" --framework torch --precision fp32
 row 60 inference.py "infer torch fp32 eager (as released) b$B" --framework torch --path fp32
-row 60 inference.py "infer jax model float32 b$B" --framework jax --path float32
+row 60 inference.py "infer jax model float32 (true fp32 products) b$B" --framework jax --path float32 --policy float32
+row 60 inference.py "infer jax model tf32 (default products) b$B" --framework jax --path float32 --policy tf32
+if [[ ( -z "${ONLY:-}" || "precision tf32" =~ $ONLY ) ]] && (( $(date +%s) - start <= BUDGET_S )); then
+  # accuracy, not speed: TF32 against true float32 on the same weights
+  timeout 150 python3 bench/precision.py --policy tf32 --images 64 --batch 32 \
+    --full_size "${IMAGE_SIZE:-224}" --out "$OUT/precision_tf32" \
+    > "$OUT/precision_tf32.txt" 2>&1 || echo "precision tf32: failed or over 150 s"
+fi
 if [[ -z "${ONLY:-}" ]] && (( $(date +%s) - start <= BUDGET_S )); then
   timeout 120 python3 bench/profile_step.py --policy bfloat16 --batch "$B" --top 30 \
     --image_size "${IMAGE_SIZE:-224}" \

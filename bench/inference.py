@@ -42,7 +42,8 @@ def parse(argv=None):
                  help=f"jax: {', '.join(JAX_MODEL_PATHS + JAX_DEPLOY_PATHS)} or fastest; "
                       f"torch: {', '.join(TORCH_PATHS)}")
   p.add_argument("--policy", default="float32",
-                 help="jax model paths: dtype_policy (float32, bfloat16, auto)")
+                 help="jax model paths: dtype_policy (float32: true float32 products, tf32: the "
+                      "backend default products, bfloat16, auto)")
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--repeats", type=int, default=10)

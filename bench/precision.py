@@ -1,6 +1,6 @@
-"""How far the bfloat16 policy is from float32: flipped binary activations, top-1 agreement.
+"""How far a dtype policy is from true float32: flipped binary activations, top-1 agreement.
 
-Runs `bcdnet_jax.precision.compare_policies` (evaluation mode, same weights, float32
+Runs `bcdnet_jax.precision.compare_policies` (evaluation mode, same weights, `--reference`
 against `--policy`) on
 - the two released-format fixtures (tests/fixtures, stage 1 and stage 2, reduced width),
 - a full-width BCDNet-A stage 2 with torch's initialisation and random BN statistics and
@@ -11,6 +11,11 @@ normalisation) or, for digits models, the digits test split. Prints a Markdown t
 writes it with the numbers as JSON to `--out`.
 
   python bench/precision.py --images 256 --model_dir runs/digits_bf16/stage2 --out /tmp/p
+  python bench/precision.py --policy tf32 --out /tmp/p_tf32   # TF32 products, on a GPU
+
+The reference is true float32 (products at `jax.lax.Precision.HIGHEST` on every backend)
+unless `--reference` says otherwise; `--policy tf32` measures what the GPUs' default TF32
+products change (on a CPU nothing: float32 products either way).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ FIXTURES = os.path.join(common.ROOT, "tests", "fixtures", "bcdnet_torch")
 
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--policy", default="bfloat16")
+  p.add_argument("--policy", default="bfloat16", help="float32, tf32, bfloat16 or auto")
+  p.add_argument("--reference", default="float32",
+                 help="the policy compared against (default: true float32)")
   p.add_argument("--images", type=int, default=256)
   p.add_argument("--full_size", type=int, default=224, help="image size of the full-width model")
   p.add_argument("--batch", type=int, default=32)
@@ -114,18 +121,20 @@ def rows(a):
     model, _ = convert.from_torch_state_dict(
         sd, models.get_spec("bcdnet_a", stage=stage, **spec_tiny))
     r = precision.compare_policies(model, photo_crops(a.images, 96), policy=a.policy,
-                                   batch_size=a.batch)
+                                   reference=a.reference, batch_size=a.batch)
     yield f"fixture {name} (stage {stage}, reduced width), 96 px photo crops", r
   if not a.skip_full_width:
     model = randomise_batch_norm(models.create_model("bcdnet_a", stage=2), seed=1)
     r = precision.compare_policies(model, photo_crops(a.images, a.full_size),
-                                   policy=a.policy, batch_size=a.batch)
+                                   policy=a.policy, reference=a.reference,
+                                   batch_size=a.batch)
     yield f"full-width bcdnet_a stage 2 (random weights), {a.full_size} px photo crops", r
   for d in a.model_dir:
     model = checkpoint.restore_model(d)
     images, labels = digits_test_images(d)
-    r = precision.compare_policies(model, images, policy=a.policy, batch_size=a.batch)
-    for policy in ("float32", a.policy):
+    r = precision.compare_policies(model, images, policy=a.policy, reference=a.reference,
+                                   batch_size=a.batch)
+    for policy in (a.reference, a.policy):
       m = models.set_dtype_policy(model, policy)
       m.eval()
       logits = np.concatenate([np.asarray(precision.logits_and_signs(m, images[i:i + 120])[0])
@@ -139,15 +148,16 @@ def main(argv=None):
   a = parse(argv)
   common.set_threads(a.threads)
   results = []
-  lines = [f"policy {a.policy} against float32 (evaluation mode, same weights)", "",
+  lines = [f"policy {a.policy} against {a.reference} (evaluation mode, same weights)", "",
            "| model, images | binary activations differing | top-1 agreement | "
-           "max abs logit diff (max abs logit) | top-1 float32 / policy |",
+           f"max abs logit diff (max abs logit) | top-1 {a.reference} / policy |",
            "|---|---|---|---|---|"]
   print("\n".join(lines), flush=True)
   for label, r in rows(a):
     results.append({"label": label, **r})
-    acc = (f"{100 * r['top1_float32']:.2f} % / {100 * r['top1_' + r['policy']]:.2f} %"
-           if "top1_float32" in r else "")
+    ref = "top1_" + r["reference"]
+    acc = (f"{100 * r[ref]:.2f} % / {100 * r['top1_' + r['policy']]:.2f} %"
+           if ref in r else "")
     line = (f"| {label} | {r['flipped_binary_activations']:,} of {r['binary_activations']:,} "
             f"({100 * r['flipped_fraction']:.3f} %) | {100 * r['top1_agreement']:.1f} % of "
             f"{r['images']} | {r['max_abs_logit_diff']:.3g} ({r['max_abs_logit']:.3g}) | {acc} |")

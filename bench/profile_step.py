@@ -37,7 +37,7 @@ def parse(argv=None):
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--num_classes", type=int, default=1000)
   p.add_argument("--precision", default="auto")
-  p.add_argument("--policy", default="float32", help="dtype_policy (float32, bfloat16, auto)")
+  p.add_argument("--policy", default="float32", help="dtype_policy (float32, tf32, bfloat16, auto)")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--warmup", type=int, default=2)

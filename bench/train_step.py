@@ -40,7 +40,8 @@ def parse(argv=None):
                  help="jax: compute_dtype of the binary convs (auto, float32, int8, bfloat16);"
                       " torch: fp32 or bf16 (autocast + channels_last)")
   p.add_argument("--policy", default="float32",
-                 help="jax: dtype_policy of the model (float32, bfloat16, auto)")
+                 help="jax: dtype_policy of the model (float32: true float32 products, tf32: the "
+                      "backend default products, bfloat16, auto)")
   p.add_argument("--compile", action="store_true",
                  help="torch: torch.compile the student and teacher (and fused AdamW on CUDA)")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=False,

@@ -194,3 +194,87 @@ def test_mixed_prelu_gradients_equal_float32_autodiff():
   assert gx.dtype == jnp.bfloat16 and gs.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(gx), np.asarray(rx.astype(jnp.bfloat16)))
   np.testing.assert_allclose(np.asarray(gs), np.asarray(rs), rtol=1e-6)
+
+
+def _product_precisions(text):
+  """{(operand element types, precision)} -> count for every dot_general / convolution
+  of a lowered StableHLO program (a product without a precision attribute is DEFAULT)."""
+  import re
+  found = {}
+  for line in text.splitlines():
+    if "stablehlo.dot_general" not in line and "stablehlo.convolution" not in line:
+      continue
+    operands = line.rsplit(" : (", 1)[1].split("->")[0]
+    types = tuple(sorted(set(re.findall(r"tensor<(?:[\d?]+x)*(\w+)>", operands))))
+    prec = re.search(r"precision(?:_config)? = \[([^\]]*)\]", line)
+    words = set(re.findall(r"HIGHEST|HIGH|DEFAULT", prec.group(1))) if prec else {"DEFAULT"}
+    assert len(words) == 1, line
+    key = (types, words.pop())
+    found[key] = found.get(key, 0) + 1
+  return found
+
+
+def _lowered_train_step(policy, stage, compute_dtype):
+  cfg = default.get_config()
+  student = _tiny("bcdnet_b", stage, policy, compute_dtype=compute_dtype)
+  teacher = _tiny("resnet50", 2, policy)
+  teacher.eval()
+  teacher_def, teacher_state = nnx.split(teacher)
+  train_def, _, params, batch_stats = train.split_model(student)
+  tx, _ = train.make_optimizer(cfg, 10)
+  step = train.make_train_step(train_def, tx, cfg, teacher_def)
+  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  batch = {"image": jnp.zeros((3, 32, 32, 3), jnp.float32),
+           "label": jnp.arange(3, dtype=jnp.int32)}
+  return jax.jit(step).lower(state, batch, teacher_state).as_text()
+
+
+def _lowered_eval(policy, name="bcdnet_b", stage=2, **kw):
+  m = _tiny(name, stage, policy, **kw)
+  m.eval()
+  graphdef, state = nnx.split(m)
+  return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(
+      state, jnp.zeros((2, 32, 32, 3), jnp.float32)).as_text()
+
+
+@pytest.mark.parametrize("stage,compute_dtype", [(1, "float32"), (2, "float32"), (2, "int8")])
+def test_float32_policy_pins_every_float32_product_to_highest_precision(stage, compute_dtype):
+  """The whole training step (student forward and the custom VJPs' backward products,
+  the teacher, both heads, BCDNet-B's embeddings) and the evaluation forward: every
+  float32 convolution and matrix product carries HIGHEST under 'float32' (and 'auto' on
+  CPU), DEFAULT under 'tf32'; int8 products carry none."""
+  programs = {policy: [_lowered_train_step(policy, stage, compute_dtype),
+                       _lowered_eval(policy, stage=stage, compute_dtype=compute_dtype),
+                       _lowered_eval(policy, "resnet50")]
+              for policy in ("float32", "auto", "tf32")}
+  for policy, texts in programs.items():
+    want = "DEFAULT" if policy == "tf32" else "HIGHEST"
+    for i, text in enumerate(texts):
+      found = _product_precisions(text)
+      f32 = {k: n for k, n in found.items() if k[0] == ("f32",)}
+      assert f32 and set(f32) == {(("f32",), want)}, (policy, found)
+      assert set(found) - set(f32) <= {(("i8",), "DEFAULT")}, (policy, found)
+      if compute_dtype == "int8" and i < 2:  # the student's binary convs
+        assert (("i8",), "DEFAULT") in found
+  counts = [sum(_product_precisions(t).values()) for t in programs["float32"]]
+  assert counts == [sum(_product_precisions(t).values()) for t in programs["tf32"]]
+
+
+def test_tf32_policy_is_float32_storage_at_default_precision():
+  """'tf32' stores float32 like 'float32' and only changes the products' precision: on
+  CPU (float32 products either way) the outputs are bit for bit those of 'float32', the
+  training-mode heads included; it is recorded like any policy."""
+  assert models.resolve_dtype_policy("tf32", "gpu") == "tf32"
+  assert models.resolve_dtype_policy("auto", "gpu") == "float32"
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)
+  outs = {}
+  for policy in ("float32", "tf32"):
+    m = _tiny("bcdnet_b", 2, policy)
+    assert m.activation_dtype == ""
+    assert {c.precision for _, c in nnx.iter_modules(m) if hasattr(c, "precision")} == {
+        "highest" if policy == "float32" else "default"}
+    outs[policy] = [np.asarray(y) for y in m(x)]
+    assert models.ModelSpec.from_json(m.spec.to_json()).dtype_policy == policy
+  for a, b in zip(outs["float32"], outs["tf32"]):
+    np.testing.assert_array_equal(a, b)
