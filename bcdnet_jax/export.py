@@ -6,7 +6,9 @@ What is folded, and why each fold is exact in exact arithmetic:
   channel, D the integer ±1 product; BCDNet-B's beta = W3 e is folded as (W3 * g) e;
 - the two heads: evaluation averages them, and (W1 z + b1 + W2 z + b2) / 2 = W z + b;
 - the stem's BatchNorm becomes a per-channel affine after the stem conv.
-Binary weights are stored as sign bits, 32 per uint32 word along the input channels.
+Binary weights are stored as sign bits, 32 per uint32 word along the input channels; the
+rare weights that are exactly 0 (sign 0, as torch.sign) as the int32 positions of their
+sign bits (`<conv>.zeros`), so the file grows by 4 bytes per zero weight, not by a mask.
 Real-valued tensors are float32, or float16 with `real_dtype='float16'` (computed in
 float32 after loading).
 
@@ -56,12 +58,13 @@ class _Writer:
     self.tensors[name] = jnp.asarray(x).astype(self.real)
 
   def binary_conv(self, name, kernel, g):
-    """Sign bits (O, kh*kw*W), non-zero mask, and k = g * mean|W| of an HWIO kernel."""
+    """Sign bits (O, kh*kw*W), k = g * mean|W| of an HWIO kernel, and (not written; the
+    exporter turns it into `.zeros` positions) the packed indicator of exact zeros."""
     s = jnp.sign(jnp.transpose(kernel, (3, 0, 1, 2)))
     o = kernel.shape[-1]
     self.tensors[name + ".bits"] = pack_bits(s > 0).reshape(o, -1)
-    self.tensors[name + ".wmask"] = pack_bits(s != 0).reshape(o, -1)
-    self.tensors[name + ".has_zero"] = jnp.any(s == 0)  # keep the mask only then
+    self.tensors[name + ".zerobits"] = pack_bits(s == 0).reshape(o, -1)
+    self.tensors[name + ".has_zero"] = jnp.any(s == 0)
     self.real_tensor(name + ".k", jnp.mean(jnp.abs(kernel), axis=(0, 1, 2)) * g)
 
   def activation(self, name, act, g_out):
@@ -215,14 +218,15 @@ def deploy_size_bytes(spec, *, abstract=None) -> dict[str, dict]:
   """Exact artefact sizes of `spec` from shapes alone (no weights allocated), per real
   dtype: {'float32': {binary_bytes, real_bytes, file_bytes}, 'float16': {...}}.
 
-  Assumes no weight is exactly 0 (then no mask is stored; the usual case) and an empty
+  Assumes no weight is exactly 0 (the usual case; each zero weight adds 4 bytes of
+  position, plus one table entry and alignment per conv that has any) and an empty
   `source` path in the header (`export_model`'s default).
   """
   from bcdnet_jax import models
   _check_exportable(spec)
   program, shapes = deploy_tensors(abstract if abstract is not None
                                    else models.abstract_model(spec), abstract=True)
-  shapes = {k: v for k, v in shapes.items() if not k.endswith((".wmask", ".has_zero"))}
+  shapes = {k: v for k, v in shapes.items() if not k.endswith(_INTERNAL)}
   out = {}
   for dt in REAL_DTYPES:
     meta = {k: (v.dtype if k.endswith(".bits") else np.dtype(dt), v.shape)
@@ -232,6 +236,18 @@ def deploy_size_bytes(spec, *, abstract=None) -> dict[str, dict]:
     out[dt] = {"binary_bytes": binary, "real_bytes": sum(nbytes.values()) - binary,
                "file_bytes": packed.file_size(_header(spec, program, dt, ""), meta)}
   return out
+
+
+# Tensors of the traced walk that are not written as they are.
+_INTERNAL = (".zerobits", ".has_zero")
+
+
+def zero_positions(zerobits) -> np.ndarray:
+  """Packed zero indicators (O, cols) uint32 -> the sorted int32 positions of their set
+  bits in the flat bit array of `.bits` (word-major, bit i of a word = channel i of it)."""
+  words = np.ascontiguousarray(np.asarray(zerobits), dtype="<u4")
+  flat = np.unpackbits(words.view(np.uint8), bitorder="little")
+  return np.flatnonzero(flat).astype(np.int32)
 
 
 def _header(spec, program, real_dtype, source, preprocess=None) -> dict:
@@ -262,24 +278,27 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
     raise ExportError(f"{source or 'model'}: non-finite value in deploy tensor {bad}; "
                       "nothing written")
   arrays = {}
-  zeros = 0
+  masked = zero_weights = 0
   for name, x in tensors.items():
     if name.endswith(".has_zero"):
       continue
-    if name.endswith(".wmask"):
-      # Weights exactly 0 have sign 0 (as torch.sign): only then is the mask needed.
-      if not bool(tensors[name[:-len(".wmask")] + ".has_zero"]):
-        continue
-      zeros += 1
+    if name.endswith(".zerobits"):
+      # Weights exactly 0 have sign 0 (as torch.sign): their positions, only if any.
+      if bool(tensors[name[:-len(".zerobits")] + ".has_zero"]):
+        arrays[name[:-len(".zerobits")] + ".zeros"] = pos = zero_positions(x)
+        masked += 1
+        zero_weights += pos.size
+      continue
     arrays[name] = np.asarray(x)
   header = _header(model.spec, program, real_dtype, source, preprocess)
   packed.validate(header, arrays, out)
   with fileio.replacing(out) as tmp:
     size = packed.write(tmp, header, arrays)
-  binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".wmask")))
+  binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".zeros")))
   return {"path": out, "file_bytes": size, "binary_bytes": binary,
           "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,
-          "tensors": len(arrays), "masked_convs": zeros, "real_dtype": real_dtype}
+          "tensors": len(arrays), "masked_convs": masked, "zero_weights": zero_weights,
+          "real_dtype": real_dtype}
 
 
 def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:

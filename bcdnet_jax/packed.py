@@ -18,6 +18,11 @@ real-valued parts, which they share; their products (stem, shortcuts, dynamic em
 head) are true float32 on every backend (`jax.lax.Precision.HIGHEST`, as the model's
 'float32' policy), never TF32. No pickle, no torch: numpy, JAX and this package.
 
+Exact zero weights (sign 0) are listed per conv as `<conv>.zeros`, the sorted int32
+positions of their bits in `<conv>.bits` read as one flat bit array (word-major, bit i of
+a word = its channel i): 4 bytes per zero weight; the runtime rebuilds the packed
+non-zero mask from them.
+
 File layout: b"BCDNETJX", uint32 format version, uint32 header length, the 32-byte
 sha256 of the header and the data together, the JSON header (spec, program, tensor table,
 preprocessing), zero padding to 64 bytes, the data. One flipped bit anywhere after the
@@ -45,7 +50,7 @@ from bcdnet_jax.layers import conv as _conv
 from bcdnet_jax.layers import group_shift, long_range_shifts
 
 MAGIC = b"BCDNETJX"
-VERSION = 2  # 2: the checksum covers the header too
+VERSION = 3  # 2: the checksum covers the header too; 3: zero weights as positions
 ALIGN = 64
 PATHS = ("packed", "int8", "float")
 WORD = 32
@@ -115,6 +120,16 @@ def xnor_popcount_conv(signs, wbits, wmask, ksize: int, stride: int, padding: in
     agree = agree + jax.lax.population_count(x).astype(jnp.int32).sum(-1)
   total = total.astype(jnp.int32).sum(-1)
   return (2 * agree - total).reshape(*lead, wbits.shape[0])
+
+
+def mask_from_zeros(zeros, bits_shape) -> np.ndarray:
+  """`.zeros` positions -> the packed non-zero mask (uint32, `bits_shape`): all bits set
+  but those listed (bits past the last channel are ignored by every user of the mask)."""
+  words = np.full(math.prod(bits_shape), 0xFFFFFFFF, np.uint32)
+  zeros = np.asarray(zeros, np.int64)
+  np.bitwise_and.at(words, zeros // WORD,
+                    ~(np.uint32(1) << (zeros % WORD).astype(np.uint32)))
+  return words.reshape(bits_shape)
 
 
 def signs_from_bits(wbits, wmask, ksize: int, in_features: int, dtype):
@@ -423,6 +438,16 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   return header, tensors
 
 
+def _check_zeros(zeros, num_bits: int, where: str) -> None:
+  z = np.asarray(zeros)
+  if z.dtype != np.int32 or z.ndim != 1 or not z.size:
+    raise ArtefactError(f"{where}: zero-weight positions must be a non-empty 1-D int32 "
+                        f"array, got {z.dtype} {z.shape}")
+  if z[0] < 0 or z[-1] >= num_bits or np.any(np.diff(z) <= 0):
+    raise ArtefactError(f"{where}: zero-weight positions must be increasing and within "
+                        f"the conv's {num_bits} sign bits")
+
+
 def _need(tensors, name, shape, where):
   if name not in tensors:
     raise ArtefactError(f"{where}: missing tensor {name!r}")
@@ -451,9 +476,9 @@ def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
     o = OPS[kind].out(op, c)
     for name, shape in OPS[kind].tensors(op, c, o).items():
       _need(tensors, name, shape, at)
-      mask = name[:-len(".bits")] + ".wmask"
-      if name.endswith(".bits") and mask in tensors:
-        _need(tensors, mask, shape, at)
+      zeros = name[:-len(".bits")] + ".zeros"
+      if name.endswith(".bits") and zeros in tensors:
+        _check_zeros(tensors[zeros], math.prod(shape) * WORD, f"{at}: tensor {zeros!r}")
     problem = OPS[kind].check(op, c, o)
     if problem:
       raise ArtefactError(f"{at}: {problem}")
@@ -479,7 +504,10 @@ class DeployModel:
     self._relu = bool(self.spec.get("dynamic_relu", False))
     base = {}
     for name, arr in tensors.items():
-      if name.endswith((".bits", ".wmask")):
+      if name.endswith(".zeros"):
+        conv = name[:-len(".zeros")]
+        base[conv + ".wmask"] = jnp.asarray(mask_from_zeros(arr, tensors[conv + ".bits"].shape))
+      elif name.endswith(".bits"):
         base[name] = jnp.asarray(arr)
       else:  # float16 storage computes in float32
         base[name] = jnp.asarray(arr, jnp.float32)

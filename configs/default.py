@@ -13,9 +13,11 @@ def get_config():
   # Operands of the stage-2 binary convs' forward, all exact: "auto" (int8 on CPU, float32
   # on GPU: models.AUTO_COMPUTE_DTYPE), "float32", "int8" or "bfloat16".
   c.model.compute_dtype = "auto"
-  # Activations between layers: "float32" (the reference), "bfloat16" (mixed precision:
-  # parameters, optimiser, BN statistics, reductions, loss and logits stay float32), or
-  # "auto" (float32 on CPU and, until measured there, on GPUs: models.AUTO_DTYPE_POLICY).
+  # Activations between layers: "float32" (the reference: true float32 products on every
+  # backend, jax.lax.Precision.HIGHEST), "tf32" (float32 storage, the backend's default
+  # products: TF32 on recent NVIDIA GPUs), "bfloat16" (mixed precision: parameters,
+  # optimiser, BN statistics, reductions, loss and logits stay float32), or "auto"
+  # (float32 on CPU and, until measured there, on GPUs: models.AUTO_DTYPE_POLICY).
   # In evaluation mode it applies to the evaluated model as well.
   c.model.dtype_policy = "auto"
 

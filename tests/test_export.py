@@ -100,6 +100,19 @@ def test_full_size_bcdnet_a_paths_equal_float_model_and_size(tmp_path):
   assert fp32_bytes / r16["file_bytes"] >= 23
   assert r16["file_bytes"] == sizes["float16"]["file_bytes"]
 
+  # A handful of exact zero weights in three layers (a 3x3 conv, a token-wise
+  # MLP conv, a 1x1 conv): 4 bytes each, not a dense mask per layer (format 2
+  # grew by 336,192 bytes for such a checkpoint)
+  convs = [model.features[2].conv3x3, model.mlp[1][0].long_mlp, model.features[3].pw]
+  for conv, k in zip(convs, (2, 2, 1)):
+    w = np.array(conv.kernel[...])
+    w.reshape(-1)[:k] = 0.0
+    conv.kernel[...] = w
+  rz = export.export_model(model, str(tmp_path / "zeros.bcdnet"))
+  grown = rz["file_bytes"] - report["file_bytes"]
+  print(f"bcdnet_a with 5 zero weights: {rz['file_bytes']:,} bytes (+{grown})")
+  assert rz["zero_weights"] == 5 and 20 <= grown <= 20 + 3 * 200
+
 
 @pytest.mark.parametrize("arch,overrides", [
     ("bcdnet_b", dict(channels=[8, 16, 16, 32], mlp_groups=1, mlp_group=["lsr", "pw"],

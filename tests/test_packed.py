@@ -115,3 +115,90 @@ def test_header_bit_flips_nan_weights_and_tiny_inputs_are_refused(tmp_path):
   with pytest.raises(export.ExportError, match=r"non-finite value in deploy tensor .*head"):
     export.export_model(m, str(tmp_path / "nan.bcdnet"))
   assert not (tmp_path / "nan.bcdnet").exists()
+
+
+def _tiny_model():
+  m = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                          mlp_groups=1, mlp_group=["pw"])
+  m.eval()
+  return m
+
+
+def _with_zeros(model, counts):
+  """A copy of `model` with counts[i] exact zero weights in the i-th of its binary convs
+  (the basic block's 3x3 conv, 3x3x8x8 weights; its first 1x1 conv, 8x8; the MLP block's
+  conv, 16x16)."""
+  from flax import nnx
+  model = nnx.clone(model)
+  convs = [model.features[1].conv3x3, model.features[1].pw_down1, model.mlp[0][0].token_mlp]
+  rng = np.random.default_rng(sum(counts))
+  for conv, k in zip(convs, counts):
+    w = np.array(conv.kernel[...])
+    w.reshape(-1)[rng.choice(w.size, k, replace=False)] = 0.0
+    conv.kernel[...] = w
+  return model
+
+
+def test_zero_weights_cost_4_bytes_each_and_all_paths_stay_exact(tmp_path):
+  """Exact zero weights are stored as positions: the artefact grows by 4 bytes per zero
+  (plus one table entry and alignment per conv that has any), not by a mask per conv;
+  packed, int8 and float paths give the model's outputs, packed and int8 bit for bit."""
+  base = _tiny_model()
+  size0 = export.export_model(base, str(tmp_path / "none.bcdnet"))["file_bytes"]
+  assert size0 == export.deploy_size_bytes(base.spec)["float32"]["file_bytes"]
+  x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+  for counts in ([1, 0, 0], [64, 0, 0], [5, 3, 1], [100, 40, 30]):
+    model = _with_zeros(base, counts)
+    out = tmp_path / f"z{'_'.join(map(str, counts))}.bcdnet"
+    report = export.export_model(model, str(out))
+    k, convs = sum(counts), sum(c > 0 for c in counts)
+    grown = report["file_bytes"] - size0
+    print(f"{counts} zero weights: +{grown} bytes")
+    assert report["zero_weights"] == k and report["masked_convs"] == convs
+    assert 4 * k <= grown <= 4 * k + 200 * convs, (counts, grown)
+    f = export.load_packed(str(out))
+    zeros = {n: t for n, t in packed.read(str(out))[1].items() if n.endswith(".zeros")}
+    assert sorted(t.size for t in zeros.values()) == sorted(c for c in counts if c)
+    ref = np.asarray(model(x))
+    got = {p: np.asarray(f(x, path=p)) for p in packed.PATHS}
+    np.testing.assert_array_equal(got["packed"], got["int8"])
+    for p, y in got.items():
+      np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()),
+                                 err_msg=p)
+  # with zeros, the packed path differs from the same weights read without them
+  assert not np.array_equal(got["packed"], np.asarray(export.load_packed(
+      str(tmp_path / "none.bcdnet"))(x)))
+
+
+def test_zero_positions_round_trip_and_bad_ones_are_refused(tmp_path):
+  rng = np.random.default_rng(5)
+  s = rng.choice([-1, 0, 1], size=(5, 3, 3, 40), p=[0.45, 0.1, 0.45])
+  zerobits = packed.pack_bits(jnp.asarray(s == 0)).reshape(5, -1)
+  pos = export.zero_positions(zerobits)
+  assert pos.dtype == np.int32 and pos.size == int(np.sum(s == 0))
+  mask = packed.mask_from_zeros(pos, zerobits.shape)
+  np.testing.assert_array_equal(
+      np.asarray(packed.signs_from_bits(packed.pack_bits(jnp.asarray(s > 0)).reshape(5, -1),
+                                        jnp.asarray(mask), 3, 40, jnp.int8)),
+      s.transpose(1, 2, 3, 0))
+
+  out = tmp_path / "z.bcdnet"
+  export.export_model(_with_zeros(_tiny_model(), [3, 0, 0]), str(out))
+  header, tensors = packed.read(str(out))
+  header = {k: v for k, v in header.items() if k not in ("tensors", "data_bytes")}
+  name = "features.1.conv3x3.zeros"
+  nbits = tensors["features.1.conv3x3.bits"].size * 32
+  for bad, words in [(np.array([4, 2, 9], np.int32), "increasing"),
+                     (np.array([1, nbits], np.int32), "within"),
+                     (np.array([1, 2], np.int64), "int32")]:
+    p = tmp_path / "bad.bcdnet"
+    packed.write(str(p), header, {**tensors, name: bad})
+    with pytest.raises(export.ArtefactError, match=words):
+      export.load_packed(str(p))
+  # an artefact of the previous format (dense masks) is refused by its version
+  raw = bytearray(out.read_bytes())
+  raw[8:12] = struct.pack("<I", 2)
+  (tmp_path / "v2.bcdnet").write_bytes(bytes(raw))
+  with pytest.raises(export.ArtefactError, match="format version 2, this runtime reads "
+                                                 "version 3"):
+    export.load_packed(str(tmp_path / "v2.bcdnet"))
