@@ -130,6 +130,10 @@ def test_bfloat16_policy_on_the_released_fixtures(converted, name):
   assert r["top1_agreement"] >= 0.5  # untrained fixtures: near-tie logits (max |logit| ~1)
   same = precision.compare_policies(model, images[:8], policy="float32")
   assert same["flipped_binary_activations"] == 0 and same["max_abs_logit_diff"] == 0.0
+  assert same["reference"] == "float32"
+  if jax.default_backend() == "cpu":  # float32 products either way: tf32 changes nothing
+    tf32 = precision.compare_policies(model, images[:8], policy="tf32")
+    assert tf32["policy"] == "tf32" and tf32["max_abs_logit_diff"] == 0.0
 
 
 @pytest.mark.slow
@@ -276,5 +280,6 @@ def test_tf32_policy_is_float32_storage_at_default_precision():
         "highest" if policy == "float32" else "default"}
     outs[policy] = [np.asarray(y) for y in m(x)]
     assert models.ModelSpec.from_json(m.spec.to_json()).dtype_policy == policy
-  for a, b in zip(outs["float32"], outs["tf32"]):
-    np.testing.assert_array_equal(a, b)
+  if jax.default_backend() == "cpu":  # on GPUs / TPUs TF32 / bfloat16 passes differ
+    for a, b in zip(outs["float32"], outs["tf32"]):
+      np.testing.assert_array_equal(a, b)
