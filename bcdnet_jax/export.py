@@ -326,8 +326,14 @@ def load_packed(path: str) -> DeployModel:
 
 def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
            seed: int = 0) -> dict:
-  """Largest |logit difference| of each path against the float model, and top-1 agreement."""
+  """Largest |logit difference| of each path against the float model, and top-1 agreement.
+
+  The float model runs under the 'float32' policy (true float32 products, whatever policy
+  it was trained with), the arithmetic of the artefact's real-valued parts."""
   from flax import nnx
+
+  from bcdnet_jax import models
+  model = models.set_dtype_policy(nnx.clone(model), "float32")
   model.eval()
   x = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size,
                                                model.spec.in_channels))

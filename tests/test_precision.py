@@ -265,6 +265,14 @@ def test_float32_policy_pins_every_float32_product_to_highest_precision(stage, c
   assert counts == [sum(_product_precisions(t).values()) for t in programs["tf32"]]
 
 
+def test_float32_policy_pins_the_accelerator_backward_formulation_too(monkeypatch):
+  """On accelerators the strided convs' input gradient is XLA's transposed conv (not the
+  CPU formulation): traced as a GPU would, every float32 product is still HIGHEST."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  found = _product_precisions(_lowered_train_step("float32", 2, "float32"))
+  assert set(found) == {(("f32",), "HIGHEST")}, found
+
+
 def test_tf32_policy_is_float32_storage_at_default_precision():
   """'tf32' stores float32 like 'float32' and only changes the products' precision: on
   CPU (float32 products either way) the outputs are bit for bit those of 'float32', the
