@@ -290,8 +290,9 @@ def test_resnet50_from_torchvision_layout(tmp_path):
                                 str(tmp_path / "teacher"), num_classes=5,
                                 overrides=dict(channels=[4, 8, 16, 32],
                                                blocks_per_stage=[1, 2, 1, 1]),
-                                check_image_size=64)
+                                check_image_size=64, check_policy="tf32")
   assert report["self_check"]["status"] == "ran"
+  assert report["self_check"]["policy"] == "tf32"  # float32 run's policy; float64 verdict
   assert report["self_check"]["float64_rel_diff"] < 1e-12
   assert report["tensors_mapped"] == len(keys)
   teacher = checkpoint.restore_model(str(tmp_path / "teacher"))
