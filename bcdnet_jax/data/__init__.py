@@ -14,8 +14,15 @@
 normalisation runs on the device inside the jitted steps (`preprocessing.normalize`).
 """
 
-from bcdnet_jax.data.loader import (DataConfig, DevicePrefetch, EVAL_SPLITS, default_workers,
-                                    eval_batches, parse_eval_dataset, train_batches)
+from bcdnet_jax.data.loader import (
+                                    EVAL_SPLITS,
+                                    DataConfig,
+                                    DevicePrefetch,
+                                    default_workers,
+                                    eval_batches,
+                                    parse_eval_dataset,
+                                    train_batches,
+)
 from bcdnet_jax.data.order import EvalOrder, TrainOrder, epoch_permutation
 from bcdnet_jax.data.sources import DataError, Source, check_folder, check_images, open_source
 from bcdnet_jax.data.transforms import ImageDecodeError, eval_transform, train_transform
