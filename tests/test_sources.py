@@ -203,3 +203,42 @@ def test_check_images_names_undecodable(tmp_path):
   src = sources.open_source(f"folder:{tmp_path}", "train", None)  # the header is fine
   with pytest.raises(sources.DataError, match=r"1 undecodable image\(s\).*cat/z_truncated"):
     sources.check_images(src, threads=2)
+
+
+def test_real_style_label_sets(tmp_path):
+  """A TFDS set with ImageNet-ReaL's `real_label` feature (a set of classes per image,
+  possibly empty) reads as int64 label arrays."""
+  import tensorflow_datasets as tfds
+
+  label_sets = [[2], [], [0, 3], [1]]
+
+  class TinyRealSet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(encoding_format="png"),
+          "original_label": tfds.features.ClassLabel(num_classes=4),
+          "real_label": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=4)),
+          "file_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, labels in enumerate(label_sets):
+        buf = io.BytesIO()
+        Image.new("RGB", (5, 4), (i, 0, 0)).save(buf, format="PNG")
+        yield i, {"image": buf.getvalue(), "original_label": i, "real_label": labels,
+                  "file_name": f"v{i}.png"}
+
+  with sources.quiet_tfds():
+    TinyRealSet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  src = sources.open_source("tiny_real_set", "validation", str(tmp_path))
+  assert src.multi_label and src.num_classes == 4 and len(src) == 4
+  for i in range(4):
+    rec = src[i]
+    k = int(rec["name"][1])
+    assert rec["label"].dtype == np.int64 and rec["label"].ndim == 1
+    assert sorted(rec["label"].tolist()) == label_sets[k]
+    assert _decode(rec["image"])[0, 0, 0] == k
