@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from bcdnet_jax.data import prepare, sources
 from tests.helpers.imagenet_tars import imagenet_synsets, make_imagenet_tars
+from tests.helpers.no_tensorflow import run_without_tensorflow
 
 
 def _files(d):
@@ -140,3 +142,36 @@ def test_cli_entry_point_reports_one_line(tmp_path):
   assert last.startswith("error: imagenet2012 is built from ILSVRC2012_img_train.tar")
   assert os.path.join(str(tmp_path), "downloads", "manual") in last
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_imagenet_reads_without_tensorflow(tmp_path):
+  """An imagenet2012 prepared where TensorFlow is installed reads, and its images decode,
+  on a host without it; building one there is refused in one line naming the extra."""
+  data_dir = str(tmp_path / "tfds")
+  manual = os.path.join(data_dir, "downloads", "manual")
+  make_imagenet_tars(manual, classes=2, per_class=3, val_per_class=2)
+  assert prepare.main(["imagenet2012", f"--data_dir={data_dir}"]) == 0
+  code = textwrap.dedent(f"""
+      import os, sys, types
+      import bcdnet_jax
+      pkg = types.ModuleType("bcdnet_jax.data")  # sources and prepare alone
+      pkg.__path__ = [os.path.join(os.path.dirname(bcdnet_jax.__file__), "data")]
+      sys.modules["bcdnet_jax.data"] = pkg
+      from bcdnet_jax.data import prepare, sources
+      for split in ("train", "validation"):
+        src = sources.open_source("imagenet2012", split, {data_dir!r})
+        sources.check_images(src)
+        print(split, len(src), src[0]["name"][:4])
+      print("tensorflow" in sys.modules)
+      print(prepare.main(["imagenet2012", "--data_dir={tmp_path / 'other'}",
+                          "--manual_dir={manual}"]))
+  """)
+  out = run_without_tensorflow(code, str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split("\n")[:4] == ["train 6 n014", "validation 4 ILSV", "False", "2"]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: building imagenet2012 with TFDS' builder (it reads its archives and downloads "
+      "through tf.io.gfile) needs TensorFlow: pip install 'bcdnet-jax[prepare]'")
+  assert "Traceback" not in out.stderr and "Failed to import TensorFlow" not in out.stderr
+  assert not os.path.exists(tmp_path / "other" / "imagenet2012")
