@@ -2,8 +2,6 @@
 
 import io
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 from PIL import Image
 
 from bcdnet_jax.data import sources
+from tests.helpers.no_tensorflow import run_without_tensorflow
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +68,9 @@ def test_sources_pickle_and_reopen(digits_ar):
 
 
 @pytest.mark.slow
-def test_reading_imports_no_tensorflow(tmp_path):
-  """Preparing digits and reading a source by index in a fresh process leaves `tensorflow`
-  out of sys.modules, and TFDS' build banner and progress bars out of the output.
+def test_digits_without_tensorflow(tmp_path):
+  """Where TensorFlow is not installed, digits prepares and every source reads; TFDS'
+  build banner and progress bars stay out of the output.
 
   The `bcdnet_jax.data` package is entered without running its `__init__` so the test
   measures `sources` alone, whatever the package's other modules import."""
@@ -82,15 +81,17 @@ def test_reading_imports_no_tensorflow(tmp_path):
       pkg.__path__ = [os.path.join(os.path.dirname(bcdnet_jax.__file__), "data")]
       sys.modules["bcdnet_jax.data"] = pkg
       from bcdnet_jax.data import sources
-      src = sources.open_source("digits", "train", {str(tmp_path)!r})
-      assert len(src[5]["image"]) > 0 and len(src.__getitems__([1, 2])) == 2
-      sources.check_images(sources.open_source("digits", "test", {str(tmp_path)!r}))
-      print("tensorflow" in sys.modules, "tensorflow_datasets" in sys.modules)
+      src = sources.open_source("digits", "train", {str(tmp_path / "tfds")!r})
+      assert len(src) == 1438 and len(src.__getitems__([1, 2])) == 2
+      sources.check_images(sources.open_source("digits", "test", {str(tmp_path / "tfds")!r}))
+      try:
+        import tensorflow
+      except ImportError:
+        print("no tensorflow", "tensorflow" in sys.modules)
   """)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+  out = run_without_tensorflow(code, str(tmp_path))
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ["False", "True"]
+  assert out.stdout.split("\n")[0] == "no tensorflow False"
   assert "Downloading and preparing" not in out.stdout + out.stderr
   assert "examples/s" not in out.stderr and "Variant folder" not in out.stderr
 
@@ -203,3 +204,42 @@ def test_check_images_names_undecodable(tmp_path):
   src = sources.open_source(f"folder:{tmp_path}", "train", None)  # the header is fine
   with pytest.raises(sources.DataError, match=r"1 undecodable image\(s\).*cat/z_truncated"):
     sources.check_images(src, threads=2)
+
+
+def test_real_style_label_sets(tmp_path):
+  """A TFDS set with ImageNet-ReaL's `real_label` feature (a set of classes per image,
+  possibly empty) reads as int64 label arrays."""
+  import tensorflow_datasets as tfds
+
+  label_sets = [[2], [], [0, 3], [1]]
+
+  class TinyRealSet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(encoding_format="png"),
+          "original_label": tfds.features.ClassLabel(num_classes=4),
+          "real_label": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=4)),
+          "file_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, labels in enumerate(label_sets):
+        buf = io.BytesIO()
+        Image.new("RGB", (5, 4), (i, 0, 0)).save(buf, format="PNG")
+        yield i, {"image": buf.getvalue(), "original_label": i, "real_label": labels,
+                  "file_name": f"v{i}.png"}
+
+  with sources.quiet_tfds():
+    TinyRealSet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  src = sources.open_source("tiny_real_set", "validation", str(tmp_path))
+  assert src.multi_label and src.num_classes == 4 and len(src) == 4
+  for i in range(4):
+    rec = src[i]
+    k = int(rec["name"][1])
+    assert rec["label"].dtype == np.int64 and rec["label"].ndim == 1
+    assert sorted(rec["label"].tolist()) == label_sets[k]
+    assert _decode(rec["image"])[0, 0, 0] == k

@@ -12,8 +12,12 @@ ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual directory, `im
 or any other TFDS image classification set that builds without Beam.
 `--convert_from_tfrecord NAME` adds ArrayRecord files to a data set already prepared in
 TFRecord format (e.g. by `tfds build`), copying the serialised records: images are not
-re-encoded. Reading TFRecord files needs TensorFlow (installed with the `prepare` extra);
-building and training do not.
+re-encoded.
+
+TensorFlow is needed here, and only here: TFDS' builders (4.9) read the ImageNet archives
+and downloads through `tf.io.gfile`, and TFRecord files are read with `tf.data` (install
+the `prepare` extra where the data is prepared). `digits` builds without it, and reading
+the prepared ArrayRecord files (`data.sources`) never imports it.
 
 TFDS writes a build into an `incomplete.*` directory and renames it when complete, and a
 conversion updates `dataset_info.json` only after every shard is written, so an
@@ -147,6 +151,8 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
                     f"--data_dir={root}`")
   manual = manual_dir or default_manual_dir(root)
   check_manual(dataset, manual)
+  _tensorflow(f"building {dataset} with TFDS' builder (it reads its archives and downloads "
+              "through tf.io.gfile)")
   builder = tfds.builder(dataset, data_dir=root, file_format="array_record")
   _log(f"{dataset}: building in ArrayRecord format into {builder.data_dir}"
        + (f" from {', '.join(sources.manual_tars(dataset))} in {manual}"
@@ -158,13 +164,15 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
   return builder.data_dir
 
 
-def _tensorflow():
-  try:
-    import tensorflow as tf
-  except ImportError:
-    raise DataError("converting TFRecord files needs TensorFlow to read them: "
-                    "pip install 'bcdnet-jax[prepare]' (or tensorflow-cpu); training and "
-                    "evaluation do not need it") from None
+def _tensorflow(purpose: str):
+  """TensorFlow, for what TFDS does with it; one line naming `purpose` when it is missing
+  (checked before TFDS prints its own banner and traceback)."""
+  import importlib.util
+  if importlib.util.find_spec("tensorflow") is None:
+    raise DataError(f"{purpose} needs TensorFlow: pip install 'bcdnet-jax[prepare]' (or "
+                    "tensorflow-cpu) where you prepare the data; reading it for training, "
+                    "evaluation and predict does not need TensorFlow")
+  import tensorflow as tf
   return tf
 
 
@@ -200,7 +208,7 @@ def convert_from_tfrecord(dataset: str, data_dir: str | None = None) -> str:
     raise DataError(f"{dataset} in {builder.data_dir} is in {info.file_format.value} "
                     "format, not TFRecord; only TFRecord data sets convert")
   check_writable(builder.data_dir)
-  tf = _tensorflow()
+  tf = _tensorflow("reading TFRecord files")
   writer = file_adapters.ADAPTER_FOR_FORMAT[fmt.ARRAY_RECORD]
   start = time.monotonic()
   for split_name, split in sorted(info.splits.items()):

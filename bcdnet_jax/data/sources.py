@@ -27,6 +27,7 @@ import contextlib
 import io
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -102,6 +103,7 @@ class Source:
 # --- TFDS data sources (ArrayRecord) --------------------------------------------------------
 
 _NAME_KEYS = ("file_name", "image/filename", "filename")
+_OPEN_LOCK = threading.Lock()
 
 
 class TfdsSource(Source):
@@ -128,7 +130,11 @@ class TfdsSource(Source):
     self._len = len(self._open())
 
   def _open(self):
-    if self._source is None:
+    if self._source is not None:
+      return self._source
+    with _OPEN_LOCK:  # threads reading a freshly unpickled source open it once
+      if self._source is not None:
+        return self._source
       import tensorflow_datasets as tfds
       if self._builder is None:  # reopened after pickling
         self._builder = (digits_builder(self.data_dir, prepare=False)
