@@ -17,7 +17,9 @@
 #   - JAX with the bfloat16 policy (`--config.model.dtype_policy=bfloat16`) and float32,
 #     the model in evaluation mode and the deploy artefact;
 #   - the released recipe's PyTorch fp32 eager;
-#   - a profile of the JAX bfloat16 training step (bench/profile_step.py).
+#   - a profile of the JAX bfloat16 training step (bench/profile_step.py);
+#   - end-to-end training through the input pipeline (bench/end_to_end.py), when the
+#     prepared data set .e2e_data is carried (see its row below).
 # $OUT/device_results.md (a table with the ratio to the torch.compile rows) grows as
 # results arrive, so a run cut off by the budget still reports what it measured.
 set -uo pipefail
@@ -89,6 +91,22 @@ row 100 inference.py "infer jax model bf16 policy, int8 b$B" --framework jax --p
 row 90 train_step.py "train torch fp32 eager (as released) b$B" --framework torch --precision fp32
 row 60 inference.py "infer torch fp32 eager (as released) b$B" --framework torch --path fp32
 row 60 inference.py "infer jax model float32 b$B" --framework jax --path float32
+# End-to-end training through the input pipeline (bench/end_to_end.py: main.py on a
+# synthetic imagenet2012 in ArrayRecord format; end-to-end images/s, step-only images/s and
+# the fraction of time the step waited for input). The GPU image lacks the data set and the
+# input pipeline's packages, so both are carried (64 MiB in all):
+#   python bench/end_to_end.py --data_dir .e2e_data --images 320 --classes 4 --steps 2 \
+#       --batch 2 --image_size 32 --arch bcdnet_a --skip_step_only   # here, once (~35 MiB)
+#   pip download --no-deps -d .whl grain array_record tensorflow-datasets etils \
+#       promise simple_parsing dm-tree ...   # what `pip install` says is missing there
+#   run(command="ONLY=end_to_end bash bench/device.sh", carry=[".whl", ".e2e_data"])
+if [[ "end_to_end b$B" =~ ${ONLY:-.} && -d .e2e_data ]] && (( $(date +%s) - start <= BUDGET_S )); then
+  timeout 240 python3 bench/end_to_end.py --data_dir .e2e_data --images "${E2E_IMAGES:-320}" \
+    --classes "${E2E_CLASSES:-4}" --steps "${E2E_STEPS:-40}" --batch "$B" \
+    --image_size "${IMAGE_SIZE:-224}" --policy bfloat16 --json \
+    > "$OUT/end_to_end_b$B.txt" 2>&1 || echo "end_to_end: failed or over 240 s"
+  tail -1 "$OUT/end_to_end_b$B.txt"
+fi
 if [[ -z "${ONLY:-}" ]] && (( $(date +%s) - start <= BUDGET_S )); then
   timeout 120 python3 bench/profile_step.py --policy bfloat16 --batch "$B" --top 30 \
     --image_size "${IMAGE_SIZE:-224}" \

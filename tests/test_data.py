@@ -3,8 +3,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -217,29 +215,29 @@ def test_folder_dataset_of_bmp_gif_webp_trains(tmp_path):
 _NO_TF = r"""
 import json, os, sys
 sys.path.insert(0, os.path.join({root!r}, "tests"))
-sys.path.insert(0, {root!r})
 from helpers.configs import small_config
 from bcdnet_jax import export, predict, train
-wd, tmp = sys.argv[1], sys.argv[2]
-res = train.train_and_evaluate(small_config(sys.argv[3], num_train_steps=1), wd)
-ev = train.evaluate(small_config(sys.argv[3], mode="eval", checkpoint=wd), tmp + "/ev")
+wd, tmp, data_dir = {wd!r}, {tmp!r}, {data_dir!r}
+res = train.train_and_evaluate(small_config(data_dir, num_train_steps=1), wd)
+ev = train.evaluate(small_config(data_dir, mode="eval", checkpoint=wd), tmp + "/ev")
 art = tmp + "/m.bcdnet"
 export.export_checkpoint(wd, art)
-rc = predict.main(["--model", art, "--json", sys.argv[4]])
+rc = predict.main(["--model", art, "--json", {png!r}])
 print(json.dumps({{"tf": "tensorflow" in sys.modules, "rc": rc, "top1": ev["top1"],
                    "steps": res["steps"]}}))
 """
 
 
 @pytest.mark.slow
-def test_training_evaluation_export_predict_import_no_tensorflow(tmp_path, digits_dir):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_training_evaluation_export_predict_without_tensorflow(tmp_path, digits_dir):
+  """On a host where TensorFlow is not installed (`python -S`, site-packages without it):
+  a training step, an evaluation, an export and a prediction run and never import it."""
+  from helpers.no_tensorflow import ROOT, run_without_tensorflow
   png = tmp_path / "x.png"
   _save(str(png), "PNG")
-  script = tmp_path / "no_tf.py"
-  script.write_text(_NO_TF.format(root=root))
-  out = subprocess.run([sys.executable, str(script), str(tmp_path / "wd"), str(tmp_path),
-                        digits_dir, str(png)], capture_output=True, text=True, timeout=600)
+  code = _NO_TF.format(root=ROOT, wd=str(tmp_path / "wd"), tmp=str(tmp_path),
+                       data_dir=digits_dir, png=str(png))
+  out = run_without_tensorflow(code, str(tmp_path), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res == {"tf": False, "rc": 0, "top1": res["top1"], "steps": 1}
