@@ -119,7 +119,7 @@ def end_to_end(a, data_dir: str) -> dict:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       m = json.loads(line)
-      if "images_per_s" in m:
+      if m.get("images_per_s", 0) > 0 and m["step"] > 1:  # step 1's rate: compilation
         rates.append(m["images_per_s"])
   # each logged rate covers log_every steps (after the first step: compilation excluded),
   # so the loop's rate is their harmonic mean

@@ -1,5 +1,6 @@
 """The training library path on the digits TFDS dataset with a very small BCDNet."""
 
+import io
 import json
 import math
 import os
@@ -506,10 +507,11 @@ def test_folder_dataset_problems_are_named(tmp_path):
               os.path.join(root, split, c, f"{i}.jpg"))
   ok = str(tmp_path / "ok")
   tree(ok, {"train": ["cat", "dog"], "validation": ["cat", "dog"]})
-  good = open(os.path.join(ok, "train", "cat", "0.jpg"), "rb").read()
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (96, 96, 3)).astype(np.uint8)).save(buf, "JPEG")
   # a truncated validation JPEG (PIL reads its header): training fails before any step
   cut = os.path.join(ok, "validation", "cat", "cut.jpg")
-  open(cut, "wb").write(good[:len(good) // 3])
+  open(cut, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
   c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{ok}", eval_split="validation")
   with pytest.raises(data.DataError, match=r"undecodable image\(s\).*cut\.jpg"):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
