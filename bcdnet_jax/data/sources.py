@@ -206,7 +206,7 @@ def _unknown(dataset: str, e: BaseException) -> DataError:
                      + (f"the configs {', '.join(configs)}" if configs else "no configs"))
   first = (str(e).strip().splitlines() or [type(e).__name__])[0]
   first = first.split("}\": ", 1)[-1]  # drop TFDS' "Failed to construct ... builder_kwargs"
-  return DataError(f"unknown dataset {dataset!r}: {first[:200]}")
+  return DataError(f"dataset {dataset!r}: {first[:200]}")
 
 
 def tfds_builder(dataset: str, data_dir: str | None):
@@ -353,8 +353,13 @@ def digits_builder(data_dir: str | None, prepare: bool = True):
       with quiet_tfds(), quiet_absl():
         builder.download_and_prepare()
     except OSError as e:
-      raise DataError(f"cannot prepare the digits data set in {builder.data_dir}: "
-                      f"{e.strerror or e}") from None
+      # several processes of one job may build it at once: one rename wins, the others
+      # find it prepared
+      with quiet_absl():
+        builder = _digits_builder_class()(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+          raise DataError(f"cannot prepare the digits data set in {builder.data_dir}: "
+                          f"{e.strerror or e}") from None
   return builder
 
 
