@@ -116,10 +116,13 @@ def _build(dataset: str, builder, download_config, every_s: float) -> None:
   # Unknown size ..."): our own lines say what happens
   builder._log_download_bytes = lambda: None  # noqa: SLF001
   builder._log_download_done = lambda: None  # noqa: SLF001
+  from tensorflow_datasets.core.download import download_manager, extractor, util
+  failures = (OSError, tarfile.TarError, EOFError, util.DownloadError, extractor.ExtractError,
+              download_manager.NonMatchingChecksumError)
   try:
     with sources.quiet_tfds():
       builder.download_and_prepare(download_config=download_config)
-  except (OSError, tarfile.TarError, EOFError) as e:  # disk full, unreadable archive, network
+  except failures as e:  # disk full, a damaged archive, the network, a changed download
     detail = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0]
     where = (f" from {', '.join(sources.manual_tars(dataset))} in "
              f"{download_config.manual_dir}" if sources.manual_tars(dataset) else "")
