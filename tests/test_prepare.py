@@ -75,6 +75,32 @@ def test_missing_or_bad_tars_and_unwritable_dir(tmp_path, capsys):
   assert f"cannot write to data_dir {blocker}/sub" in capsys.readouterr().err
 
 
+def test_damaged_archive_leaves_nothing_prepared(tmp_path, capsys):
+  """A class archive inside ILSVRC2012_img_train.tar that is not a tar: one line saying
+  where reading stopped, and no data set left that looks prepared."""
+  import tarfile
+  data_dir = str(tmp_path)
+  manual = os.path.join(data_dir, "downloads", "manual")
+  make_imagenet_tars(manual, classes=2, per_class=2, val_per_class=1)
+  train = os.path.join(manual, "ILSVRC2012_img_train.tar")
+  with tarfile.open(train) as t:
+    members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+  with tarfile.open(train, "w") as t:
+    for i, (name, blob) in enumerate(members):
+      blob = blob if i == 0 else b"garbage" * 100
+      info = tarfile.TarInfo(name)
+      info.size = len(blob)
+      t.addfile(info, io.BytesIO(blob))
+  assert prepare.main(["imagenet2012", f"--data_dir={data_dir}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  synsets = imagenet_synsets()
+  assert err.startswith(f"error: preparing imagenet2012 from ILSVRC2012_img_train.tar, "
+                        f"ILSVRC2012_img_val.tar in {manual} failed after {synsets[0]}_1.JPEG")
+  assert "ReadError" in err and "nothing is left as prepared" in err
+  with pytest.raises(sources.DataError, match="is not prepared"):
+    sources.open_source("imagenet2012", "train", data_dir)
+
+
 def test_imagenet_v2_expands_to_its_variants():
   assert prepare.expand(["imagenet_v2", "digits", "imagenet_v2/topimages"]) == [
       "imagenet_v2/matched-frequency", "imagenet_v2/threshold-0.7", "imagenet_v2/topimages",

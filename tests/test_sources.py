@@ -60,6 +60,28 @@ def test_digits_second_open_does_not_rebuild(digits_ar):
   assert again == stamp
 
 
+def test_digits_built_by_another_process_meanwhile(tmp_path, monkeypatch):
+  """Processes of one job preparing digits at once: the one whose rename loses finds the
+  set prepared; a build that fails for itself is one error naming the directory."""
+  cls = sources._digits_builder_class()
+  build = cls.download_and_prepare
+
+  def loses_the_race(self, *args, **kwargs):
+    build(self, *args, **kwargs)  # the other process's build lands first ...
+    raise OSError(39, "Directory not empty")  # ... so this one's rename fails
+
+  monkeypatch.setattr(cls, "download_and_prepare", loses_the_race)
+  assert len(sources.open_source("digits", "test", str(tmp_path / "a"))) == 359
+
+  def fails(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(cls, "download_and_prepare", fails)
+  with pytest.raises(sources.DataError, match=r"cannot prepare the digits data set in "
+                     r".*/b/digits/2\.0\.0: No space left on device"):
+    sources.open_source("digits", "test", str(tmp_path / "b"))
+
+
 def test_sources_pickle_and_reopen(digits_ar):
   import pickle
   src = sources.open_source("digits", "train", digits_ar)

@@ -93,11 +93,13 @@ class _Progress:
 
   def __init__(self, dataset: str, generate, every_s: float):
     self.dataset, self.generate, self.every_s = dataset, generate, every_s
+    self.last_key = None  # the last example read: where a damaged archive broke off
 
   def __call__(self, *args, **kwargs):
     start = last = time.monotonic()
     n = 0
     for n, item in enumerate(self.generate(*args, **kwargs), 1):
+      self.last_key = item[0]
       now = time.monotonic()
       if now - last >= self.every_s:
         _log(f"{self.dataset}: {n:,} examples read ({n / (now - start):,.0f}/s)")
@@ -108,18 +110,25 @@ class _Progress:
 
 
 def _build(dataset: str, builder, download_config, every_s: float) -> None:
-  builder._generate_examples = _Progress(dataset, builder._generate_examples, every_s)  # noqa: SLF001
+  progress = _Progress(dataset, builder._generate_examples, every_s)  # noqa: SLF001
+  builder._generate_examples = progress  # noqa: SLF001
   # the banner TFDS prints on stdout for every build ("Downloading and preparing dataset
   # Unknown size ..."): our own lines say what happens
   builder._log_download_bytes = lambda: None  # noqa: SLF001
   builder._log_download_done = lambda: None  # noqa: SLF001
+  from tensorflow_datasets.core.download import download_manager, extractor, util
+  failures = (OSError, tarfile.TarError, EOFError, util.DownloadError, extractor.ExtractError,
+              download_manager.NonMatchingChecksumError)
   try:
     with sources.quiet_tfds():
       builder.download_and_prepare(download_config=download_config)
-  except (OSError, tarfile.TarError, EOFError) as e:  # disk full, unreadable archive, network
+  except failures as e:  # disk full, a damaged archive, the network, a changed download
     detail = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0]
-    raise DataError(f"preparing {dataset} failed: {type(e).__name__}: {detail}; nothing is "
-                    f"left as prepared in {builder.data_dir}") from None
+    where = (f" from {', '.join(sources.manual_tars(dataset))} in "
+             f"{download_config.manual_dir}" if sources.manual_tars(dataset) else "")
+    after = f" after {progress.last_key}" if progress.last_key is not None else ""
+    raise DataError(f"preparing {dataset}{where} failed{after}: {type(e).__name__}: "
+                    f"{detail}; nothing is left as prepared in {builder.data_dir}") from None
 
 
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None, *,
