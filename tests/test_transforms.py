@@ -172,6 +172,10 @@ def test_eval_transform_other_sizes_equal_pil_torchvision():
       ours = transforms.eval_transform(raw, image_size=size, crop_ratio=ratio)
       np.testing.assert_array_equal(ours, torchvision_eval(raw, size, resize),
                                     f"{label} {size}/{ratio}")
+    # crop_ratio > 1: a shorter side below the crop, zero-padded as torchvision pads
+    ours = transforms.eval_transform(raw, image_size=64, crop_ratio=1.25)
+    ref = torchvision_center_crop(transforms.resize_shorter(pil_load(raw), 51), 64)
+    np.testing.assert_array_equal(ours, ref, label)
 
 
 def test_eval_computes_only_the_crop_with_boxes_proven_exact():
