@@ -140,6 +140,8 @@ def test_undecodable_bytes_raise_an_error_naming_the_image(kind):
   png = dict(variants())["china-300x300-png"]
   raw = {"empty": b"", "truncated-jpeg": jpeg[:len(jpeg) // 2],
          "truncated-png": png[:len(png) // 2], "text": b"label,path\n3,a.jpg\n"}[kind]
+  why = {"empty": "empty file", "truncated-jpeg": "truncated", "truncated-png": "truncated",
+         "text": "not an image format PIL can identify"}[kind]
   name = f"train/n0144/{kind}.JPEG"
   for call in (lambda: transforms.decode(raw, name),
                lambda: transforms.eval_transform(raw, image_size=8, crop_ratio=0.875,
@@ -149,7 +151,7 @@ def test_undecodable_bytes_raise_an_error_naming_the_image(kind):
     with pytest.raises(transforms.ImageDecodeError, match=name) as e:
       call()
     assert isinstance(e.value, errors.UserError)
-    assert len(str(e.value)) > len(f"cannot decode image {name}: ")  # says why
+    assert why in str(e.value)
 
 
 # --- evaluation -----------------------------------------------------------------------------
