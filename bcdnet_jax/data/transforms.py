@@ -25,7 +25,7 @@ import math
 from fractions import Fraction
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, UnidentifiedImageError
 
 from bcdnet_jax import errors
 
@@ -58,9 +58,12 @@ def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
   except MemoryError:
     raise
   except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
-    why = " ".join(str(e).split()) or type(e).__name__
     if not raw:
       why = "empty file"
+    elif isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object
+      why = "not an image format PIL can identify (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)"
+    else:
+      why = " ".join(str(e).split()) or type(e).__name__
     raise ImageDecodeError(f"cannot decode image {name}: {why}") from e
   return img
 
