@@ -8,8 +8,9 @@ them with `python -m bcdnet_jax.prepare imagenet2012` (ArrayRecord), then runs
 - end-to-end images/s (the training loop's own rate from metrics.jsonl, after compilation);
 - step-only images/s of `bench/train_step.py` with the same model, batch, image size and
   dtype settings (no input pipeline: a batch already on the device);
-- the fraction of the loop's wall time the step waited for host batches (results.json's
-  `input_wait_fraction`).
+- the fraction of the loop's wall time it was blocked waiting for host batches
+  (results.json's `input_wait_fraction`; with asynchronous dispatch an upper bound of the
+  step's wait) and `end_to_end_over_step_only`, the share of the step-only rate reached.
 When end-to-end is close to step-only and the wait fraction near 0, the input pipeline keeps
 up. On a small CPU the step dominates; on a GPU the comparison says how many cores the
 input needs (README: "cores per GPU").

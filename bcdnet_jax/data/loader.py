@@ -140,8 +140,11 @@ def eval_batches(source, cfg: DataConfig, local_batch: int, global_batch: int, *
 class DevicePrefetch:
   """Puts the next `size` host batches on the device (`put`: e.g.
   `runtime.Runtime.global_batch`) while the current step runs; records how long the
-  consumer waited for host batches after the first (`wait_s`, from `since`: the start of
-  the second request, i.e. after compilation)."""
+  consumer was blocked waiting for host batches after the first (`wait_s`, from `since`:
+  the start of the second request, i.e. after compilation). JAX dispatches steps
+  asynchronously, so the device may still be computing during part of that time: the
+  fraction is an upper bound of the time the step waited for input (0: input never held
+  the loop up)."""
 
   def __init__(self, host_batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
     self._it, self._put, self._size = host_batches, put, size
