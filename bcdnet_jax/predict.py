@@ -1,7 +1,8 @@
 """Top-5 ImageNet classes of image files from a deploy artefact (`bcdnet_jax.export`).
 
-Images get the evaluation preprocessing of training (`data.preprocess_eval`: shorter side
-to 256, centre crop 224, normalised), so predictions are those the evaluation measures.
+Images get the evaluation preprocessing of training (`data.transforms.eval_transform`: PIL,
+shorter side to 256, centre crop 224; then `preprocessing.normalize`), so predictions are
+those the evaluation measures.
 
     python -m bcdnet_jax.predict --model model.bcdnet image.jpg [more.png ...]
 """
@@ -33,13 +34,14 @@ def class_names(num_classes: int) -> list[str]:
 
 
 def load_images(paths: list[str], pre: dict) -> np.ndarray:
-  """Decodes and preprocesses image files into a normalised NHWC float32 batch, with the
-  model's preprocessing `pre` (`preprocessing.record`)."""
+  """Decodes and preprocesses image files into a normalised NHWC float32 batch with the
+  model's preprocessing `pre` (`preprocessing.record`): `transforms.eval_transform` (PIL:
+  shorter side to image_size / crop_ratio, centre crop) and `preprocessing.normalize` (the
+  formula of the evaluation step). Raises `PredictError` naming the file."""
   import os
 
-  import tensorflow as tf
-
-  from bcdnet_jax import data
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.data import transforms
   out = []
   for path in paths:
     if "://" in path:
@@ -47,20 +49,18 @@ def load_images(paths: list[str], pre: dict) -> np.ndarray:
     if os.path.isdir(path):
       raise PredictError(f"{path}: a directory; pass image files (e.g. {path}/*.jpg)")
     try:
-      raw = tf.io.read_file(path)
-    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
-      raise PredictError(f"{path}: cannot read the image file ({e.message})") from None
+      with open(path, "rb") as f:
+        raw = f.read()
+    except OSError as e:
+      raise PredictError(f"{path}: cannot read the image file ({e.strerror})") from None
     try:
-      image = data.preprocess_eval(raw, image_size=pre["image_size"],
-                                   crop_ratio=pre["crop_ratio"],
-                                   mean_rgb=tuple(pre["mean_rgb"]),
-                                   stddev_rgb=tuple(pre["stddev_rgb"]))
-    except (tf.errors.InvalidArgumentError, ValueError) as e:
-      msg = getattr(e, "message", str(e)).splitlines()[0]
-      raise PredictError(f"{path}: not a decodable image (JPEG, PNG, GIF or BMP): "
-                         f"{msg}") from None
-    out.append(image.numpy())
-  return np.stack(out)
+      image = transforms.eval_transform(raw, image_size=pre["image_size"],
+                                        crop_ratio=pre["crop_ratio"], name=path)
+    except transforms.ImageDecodeError as e:
+      why = str(e).removeprefix(f"cannot decode image {path}: ")
+      raise PredictError(f"{path}: not a decodable image: {why}") from None
+    out.append(image)
+  return preprocessing.normalize(np.stack(out), pre["mean_rgb"], pre["stddev_rgb"])
 
 
 def predict(model, images: np.ndarray, *, path: str = "packed", k: int = 5):

@@ -13,6 +13,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bcdnet_jax import preprocessing
+
 
 def compiler_options() -> dict | None:
   """XLA options for the training and evaluation programs on this backend.
@@ -26,12 +28,15 @@ def compiler_options() -> dict | None:
   return None
 
 
-def make_eval_step(eval_graphdef):
+def make_eval_step(eval_graphdef, mean_rgb=preprocessing.MEAN_RGB,
+                   stddev_rgb=preprocessing.STDDEV_RGB):
   """eval_step(state, batch) -> (sums of top-1/top-5 hits, examples, scored examples;
-  predictions), with multi-hot label sets (ReaL: images without labels excluded)."""
+  predictions), with multi-hot label sets (ReaL: images without labels excluded). The
+  batch's images are uint8 NHWC, normalised here (`preprocessing.normalize`, mean/std of
+  the model's preprocessing record)."""
   def eval_step(state, batch):
     model = nnx.merge(eval_graphdef, state["params"], state["batch_stats"], copy=True)
-    logits = model(batch["image"])
+    logits = model(preprocessing.normalize(batch["image"], mean_rgb, stddev_rgb))
     labels, mask = batch["labels"], batch["mask"]
     scored = mask * (jnp.sum(labels, -1) > 0)
     pred = jnp.argmax(logits, -1)
@@ -84,8 +89,9 @@ class Runtime:
                    out_shardings=(self.replicated, self.replicated), donate_argnums=(0,),
                    compiler_options=compiler_options())
 
-  def jit_eval_step(self, eval_graphdef):
-    return jax.jit(make_eval_step(eval_graphdef),
+  def jit_eval_step(self, eval_graphdef, mean_rgb=preprocessing.MEAN_RGB,
+                    stddev_rgb=preprocessing.STDDEV_RGB):
+    return jax.jit(make_eval_step(eval_graphdef, tuple(mean_rgb), tuple(stddev_rgb)),
                    in_shardings=(self.replicated, self.batch_sharding),
                    out_shardings=(self.replicated, self.batch_sharding),
                    compiler_options=compiler_options())

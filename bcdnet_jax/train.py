@@ -27,8 +27,8 @@ from flax import nnx
 
 from bcdnet_jax import checkpoint, errors, fileio, metric_writer, models, preprocessing, runtime
 
-# `bcdnet_jax.data` (TensorFlow) is imported inside the functions that build pipelines, so
-# the steps, losses and optimiser work where TensorFlow is not installed (bench/ on GPUs).
+# `bcdnet_jax.data` (Grain, PIL, TFDS data sources; no TensorFlow) is imported inside the
+# functions that build pipelines, so the steps, losses and optimiser import only JAX.
 
 log = logging.getLogger("bcdnet_jax")
 
@@ -48,7 +48,6 @@ class ConfigError(errors.UserError):
 
 
 MODES = ("train", "eval")
-DATA_SHARDINGS = ("global_stream", "per_process")
 
 
 class TrainingDiverged(errors.UserError, RuntimeError):
@@ -81,8 +80,9 @@ def validate_config(config, num_devices: int) -> None:
   need(0 < config.eval_crop_ratio <= 1, "eval_crop_ratio",
        f"must be in (0, 1] (224/256 resizes to 256 and crops 224), got "
        f"{config.eval_crop_ratio!r}")
-  need(config.data_sharding in DATA_SHARDINGS, "data_sharding",
-       f"{config.data_sharding!r} is not one of {DATA_SHARDINGS}")
+  need(isinstance(config.data_workers, int) and config.data_workers >= 0, "data_workers",
+       f"must be an integer >= 0 (0: all cores of the process but one), got "
+       f"{config.data_workers!r}")
   need(config.model.compute_dtype in models.COMPUTE_DTYPES,
        "model.compute_dtype", f"{config.model.compute_dtype!r} is not one of "
        f"{models.COMPUTE_DTYPES}")
@@ -166,11 +166,13 @@ def distillation_loss(student_logits, teacher_logits):
 
 def make_train_step(train_graphdef, tx, config, teacher_graphdef=None):
   """train_step(state, batch, teacher_state) -> (state, metrics): the released loss,
-  (label-smoothed CE on `fc` + KD from the teacher, or CE, on `fc_dist`) / 2, and AdamW."""
+  (label-smoothed CE on `fc` + KD from the teacher, or CE, on `fc_dist`) / 2, and AdamW.
+  `batch["image"]` is uint8 NHWC, normalised here (`preprocessing.normalize`, ImageNet's
+  mean/std as the recipe's `Normalize`); the teacher sees the same normalised batch."""
   smoothing = config.label_smoothing
 
   def train_step(state, batch, teacher_state):
-    images, labels = batch["image"], batch["label"]
+    images, labels = preprocessing.normalize(batch["image"]), batch["label"]
 
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state["batch_stats"], copy=True)
@@ -269,20 +271,13 @@ def _data_config(config):
   """The data pipeline's view of a config (`data.DataConfig`)."""
   from bcdnet_jax import data
   return data.DataConfig(
-      dataset=config.dataset, data_dir=config.data_dir or None,
-      train_split=config.train_split, eval_split=config.eval_split,
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
       color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
-      random_flip=config.random_flip, shuffle_buffer=config.shuffle_buffer,
-      exact_resize_train=config.exact_resize_train, seed=config.seed,
-      sharding=config.data_sharding)
+      random_flip=config.random_flip, seed=config.seed, workers=config.data_workers)
 
 
-
-
-def resolve_num_classes(config, builder) -> int:
-  from bcdnet_jax import data
-  n = data.num_classes(builder)
+def resolve_num_classes(config, source) -> int:
+  n = source.num_classes
   if config.model.num_classes and config.model.num_classes != n:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes} but dataset "
                       f"{config.dataset!r} has {n} classes")
@@ -314,7 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 @dataclasses.dataclass
 class _Plan:
   """What a training run needs, checked before anything is written or compiled."""
-  builder: Any
+  train_source: Any  # data.Source of config.train_split
+  eval_source: Any  # data.Source of config.eval_split
   spec: models.ModelSpec
   total_steps: int
   init_params: Any = None
@@ -325,22 +321,26 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
   """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   from bcdnet_jax import data
   validate_config(config, rt.size)
-  builder = data.get_builder(config.dataset, config.data_dir or None)
-  num_classes = resolve_num_classes(config, builder)
+  data_dir = config.data_dir or None
+  train_source = data.open_source(config.dataset, config.train_split, data_dir)
+  eval_source = data.open_source(config.dataset, config.eval_split, data_dir)
+  if train_source.multi_label:
+    raise ConfigError(f"config.dataset: {config.dataset!r} has label sets (ReaL), not one "
+                      "class per image; train on imagenet2012 and evaluate on it")
+  num_classes = resolve_num_classes(config, train_source)
   spec = _model_spec(config, num_classes)
   check_image_size(spec, config.image_size)
   check_workdir_model(workdir, spec)
-  train_size = data.split_size(builder, config.train_split)
-  data.split_size(builder, config.eval_split)
+  threads = data.default_workers() + 1
   if config.dataset.startswith("folder:") or config.check_images:
     # A bad validation image would only show after training: look before.
-    data.check_images(builder, config.eval_split, config.dataset)
+    data.check_images(eval_source, threads=threads)
   if config.check_images:
-    data.check_images(builder, config.train_split, config.dataset)
-  steps_per_epoch = max(1, train_size // config.batch_size)
+    data.check_images(train_source, threads=threads)
+  steps_per_epoch = max(1, len(train_source) // config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  plan = _Plan(builder, spec, total_steps)
+  plan = _Plan(train_source, eval_source, spec, total_steps)
   if config.init_from:
     plan.init_params = load_init_from(config.init_from, spec)
   if config.teacher_dir:
@@ -443,13 +443,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   p_train = rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def))
   p_eval = rt.jit_eval_step(eval_def)
   dcfg = _data_config(config)
-  train_iter = iter(data.train_dataset(
-      plan.builder, dcfg, config.batch_size // jax.process_count(), start_batch=start_step,
-      process_index=jax.process_index(),
-      process_count=jax.process_count()).as_numpy_iterator())
+  order = data.TrainOrder(len(plan.train_source), config.batch_size, config.seed,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  # the data position is the step: resuming reads only the records of the batches ahead
+  train_iter = data.DevicePrefetch(
+      data.train_batches(plan.train_source, dcfg, order, start_step, plan.total_steps),
+      rt.global_batch)
 
   def evaluate_now(state):
-    return run_evaluation(p_eval, state, plan.builder, dcfg, config.eval_batch_size, rt)
+    return run_evaluation(p_eval, state, plan.eval_source, dcfg, config.eval_batch_size, rt)
 
   writer = metric_writer.MetricWriter(workdir, start_step=start_step,
                                       active=jax.process_index() == 0)
@@ -457,6 +460,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, step, stopped = _train_loop(
         config, rt, plan, state, start_step, p_train, teacher_state, train_iter, manager,
         writer, schedule, evaluate_now, step_hook)
+    wait = train_iter.wait_fraction()
+    if wait is not None and jax.process_index() == 0:
+      log.info("the training steps waited for input %.1f%% of the time after the first",
+               100 * wait)
     if stopped:
       return {"preempted": True, "steps": step}
     eval_result = evaluate_now(state)
@@ -468,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "num_eval_examples": eval_result["num_eval_examples"], "steps": step,
              "wall_time_s": time.time() - start_time, "model": config.model.name,
              "stage": config.model.stage, "dataset": config.dataset,
-             "eval_split": config.eval_split}
+             "eval_split": config.eval_split, "input_wait_fraction": wait}
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "results.json"), results)
     log.info("final: top-1 %.4f top-5 %.4f on %d examples", results["top1"],
@@ -489,7 +496,7 @@ def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_ite
     log.info("compiling the training step (the first step includes it)...")
   with _Preemption() as preempt:
     while step < total:
-      batch = rt.global_batch(_next_batch(train_iter, plan.builder, config))
+      batch = _next_batch(train_iter, config)
       state, metrics = p_train(state, batch, teacher_state)
       step += 1
       if step == start_step + 1:  # the ETA counts steps after compilation only
@@ -559,18 +566,16 @@ def _set_aside_damaged(manager, good_step: int, workdir: str) -> None:
   manager.reload()
 
 
-def _next_batch(train_iter, builder, config):
-  """The next host batch; an undecodable image stops the run with its file named (not
+def _next_batch(train_iter, config):
+  """The next global batch; an undecodable image stops the run with its file named (not
   skipped: skipping would silently change the deterministic data order and epoch)."""
-  import tensorflow as tf
-
   from bcdnet_jax import data
   try:
     return next(train_iter)
-  except tf.errors.InvalidArgumentError as e:
-    data.check_images(builder, config.train_split, config.dataset)  # names the files
-    raise data.DataError(f"{config.dataset}: an image could not be decoded "
-                         f"({e.message.splitlines()[0][:200]})") from None
+  except data.ImageDecodeError as e:
+    raise data.DataError(f"{config.dataset} split {config.train_split!r}: {e}; remove or "
+                         "replace the file (--config.check_images=True finds them all "
+                         "before training)") from None
 
 
 def _fmt_eta(seconds):
@@ -580,17 +585,26 @@ def _fmt_eta(seconds):
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, rt: runtime.Runtime,
+def run_evaluation(p_eval, state, source, dcfg, eval_batch_size, rt: runtime.Runtime,
                    return_predictions=False) -> dict:
-  """Top-1/top-5 over the whole eval split; checks every example counted once."""
+  """Top-1/top-5 over the whole split of `source` (a `data.Source`); checks every example
+  counted once. An undecodable image raises `data.DataError` naming it."""
   from bcdnet_jax import data
   local = eval_batch_size // jax.process_count()
-  ds, num_batches, total = data.eval_dataset(builder, dcfg, local, eval_batch_size,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
+  batches, num_batches, total = data.eval_batches(source, dcfg, local, eval_batch_size,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count())
   sums = {"top1": 0.0, "top5": 0.0, "count": 0.0, "scored": 0.0}
   preds = []
-  for host_batch in ds.as_numpy_iterator():
+  seen = 0
+  while True:
+    try:
+      host_batch = next(batches)
+    except StopIteration:
+      break
+    except data.ImageDecodeError as e:
+      raise data.DataError(f"{source.dataset} split {source.split!r}: {e}") from None
+    seen += 1
     out, pred = p_eval(state, rt.global_batch(host_batch))
     out = jax.device_get(out)
     for k in sums:
@@ -599,9 +613,9 @@ def run_evaluation(p_eval, state, builder, dcfg, eval_batch_size, rt: runtime.Ru
       mask = host_batch["mask"].astype(bool)
       preds.append(np.asarray(jax.device_get(pred))[mask] if jax.process_count() == 1
                    else None)
-  if int(round(sums["count"])) != total:
-    raise RuntimeError(f"evaluation counted {sums['count']:.0f} examples, the split has "
-                       f"{total}")
+  if seen != num_batches or int(round(sums["count"])) != total:
+    raise RuntimeError(f"evaluation counted {sums['count']:.0f} examples in {seen} batches, "
+                       f"the split has {total} in {num_batches}")
   scored = int(round(sums["scored"]))
   result = {"top1": sums["top1"] / max(scored, 1), "top5": sums["top5"] / max(scored, 1),
             "num_eval_examples": scored, "num_images": total}
@@ -639,24 +653,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)
   entries = eval_entries(config)
-  builders = [data.get_builder(name, config.data_dir or None) for name, _ in entries]
-  for (name, split), builder in zip(entries, builders):  # all checked before any work
-    n = data.num_classes(builder)
-    if model.spec.num_classes != n:
+  sources = [data.open_source(name, split, config.data_dir or None) for name, split in entries]
+  for (name, _), source in zip(entries, sources):  # all checked before any work
+    if model.spec.num_classes != source.num_classes:
       raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} "
-                        f"classes, dataset {name!r} has {n}")
-    data.split_size(builder, split)
+                        f"classes, dataset {name!r} has {source.num_classes}")
   _, eval_def, params, batch_stats = split_model(model)
   state = rt.replicate({"params": params, "batch_stats": batch_stats})
-  p_eval = rt.jit_eval_step(eval_def)
+  p_eval = rt.jit_eval_step(eval_def, pre["mean_rgb"], pre["stddev_rgb"])
+  dcfg = dataclasses.replace(_data_config(config), image_size=pre["image_size"],
+                             eval_crop_ratio=pre["crop_ratio"])
 
   per_set = {}
-  for (name, split), builder in zip(entries, builders):
-    dcfg = dataclasses.replace(
-        _data_config(config), dataset=name, eval_split=split, image_size=pre["image_size"],
-        eval_crop_ratio=pre["crop_ratio"], mean_rgb=tuple(pre["mean_rgb"]),
-        stddev_rgb=tuple(pre["stddev_rgb"]))
-    r = run_evaluation(p_eval, state, builder, dcfg, config.eval_batch_size, rt,
+  for (name, split), source in zip(entries, sources):
+    r = run_evaluation(p_eval, state, source, dcfg, config.eval_batch_size, rt,
                        return_predictions)
     per_set[f"{name}:{split}"] = r
     if jax.process_index() == 0:

@@ -20,7 +20,9 @@
 #   - what TF32 products change against true float32 (bench/precision.py --policy tf32:
 #     flipped binary activations, top-1 agreement; $OUT/precision_tf32/);
 #   - the released recipe's PyTorch fp32 eager;
-#   - a profile of the JAX bfloat16 training step (bench/profile_step.py).
+#   - a profile of the JAX bfloat16 training step (bench/profile_step.py);
+#   - end-to-end training through the input pipeline (bench/end_to_end.py), when the
+#     prepared data set .e2e_data is carried (see its row below).
 # $OUT/device_results.md (a table with the ratio to the torch.compile rows) grows as
 # results arrive, so a run cut off by the budget still reports what it measured.
 set -uo pipefail
@@ -99,6 +101,22 @@ if [[ ( -z "${ONLY:-}" || "precision tf32" =~ $ONLY ) ]] && (( $(date +%s) - sta
   timeout 150 python3 bench/precision.py --policy tf32 --images 64 --batch 32 \
     --full_size "${IMAGE_SIZE:-224}" --out "$OUT/precision_tf32" \
     > "$OUT/precision_tf32.txt" 2>&1 || echo "precision tf32: failed or over 150 s"
+fi
+# End-to-end training through the input pipeline (bench/end_to_end.py: main.py on a
+# synthetic imagenet2012 in ArrayRecord format; end-to-end images/s, step-only images/s and
+# the fraction of time the step waited for input). The GPU image lacks the data set and the
+# input pipeline's packages, so both are carried (64 MiB in all):
+#   python bench/end_to_end.py --data_dir .e2e_data --images 320 --classes 4 --steps 2 \
+#       --batch 2 --image_size 32 --arch bcdnet_a --skip_step_only   # here, once (~35 MiB)
+#   pip download --no-deps -d .whl grain array_record tensorflow-datasets etils \
+#       promise simple_parsing dm-tree ...   # what `pip install` says is missing there
+#   run(command="ONLY=end_to_end bash bench/device.sh", carry=[".whl", ".e2e_data"])
+if [[ "end_to_end b$B" =~ ${ONLY:-.} && -d .e2e_data ]] && (( $(date +%s) - start <= BUDGET_S )); then
+  timeout 240 python3 bench/end_to_end.py --data_dir .e2e_data --images "${E2E_IMAGES:-320}" \
+    --classes "${E2E_CLASSES:-4}" --steps "${E2E_STEPS:-40}" --batch "$B" \
+    --image_size "${IMAGE_SIZE:-224}" --policy bfloat16 --json \
+    > "$OUT/end_to_end_b$B.txt" 2>&1 || echo "end_to_end: failed or over 240 s"
+  tail -1 "$OUT/end_to_end_b$B.txt"
 fi
 if [[ -z "${ONLY:-}" ]] && (( $(date +%s) - start <= BUDGET_S )); then
   timeout 120 python3 bench/profile_step.py --policy bfloat16 --batch "$B" --top 30 \

@@ -99,14 +99,15 @@ def digits_test_images(model_dir: str):
   from configs import digits
   pre = preprocessing.resolve(checkpoint.read_preprocessing(model_dir), image_size=0,
                               crop_ratio=0.0, where=model_dir)
-  builder = data.get_builder("digits", tempfile.mkdtemp(prefix="digits_"))
+  source = data.open_source("digits", "test", tempfile.mkdtemp(prefix="digits_"))
   dcfg = dataclasses.replace(train._data_config(digits.get_config()),
                              image_size=pre["image_size"], eval_crop_ratio=pre["crop_ratio"])
-  ds, _, _ = data.eval_dataset(builder, dcfg, 120, 120)
+  batches, _, _ = data.eval_batches(source, dcfg, 120, 120)
   images, labels = [], []
-  for batch in ds.as_numpy_iterator():
+  for batch in batches:
     keep = batch["mask"].astype(bool)
-    images.append(batch["image"][keep])
+    images.append(preprocessing.normalize(batch["image"][keep], pre["mean_rgb"],
+                                          pre["stddev_rgb"]))
     labels.append(batch["labels"][keep].argmax(-1))
   return np.concatenate(images), np.concatenate(labels)
 

@@ -84,7 +84,8 @@ def jax_setup(a):
            "step": jax.numpy.zeros((), jax.numpy.int32)}
   rng = np.random.default_rng(0)
   batch = jax.device_put({
-      "image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
+      # uint8, as the input pipeline sends it: the step normalises on the device
+      "image": rng.integers(0, 256, (a.batch, a.image_size, a.image_size, 3), np.uint8),
       "label": rng.integers(0, a.num_classes, a.batch).astype(np.int32)})
   holder = [state]
 

@@ -21,7 +21,9 @@ def get_config():
   # In evaluation mode it applies to the evaluated model as well.
   c.model.dtype_policy = "auto"
 
-  c.dataset = "imagenet2012"  # any TFDS name, "digits", or "folder:/path/to/images"
+  # any TFDS name prepared in ArrayRecord format (python -m bcdnet_jax.prepare NAME),
+  # "digits", or "folder:/path/to/images" (path/<split>/<class>/<image>, any PIL format)
+  c.dataset = "imagenet2012"
   c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
   c.train_split = "train"
   c.eval_split = "validation"
@@ -30,19 +32,15 @@ def get_config():
   c.color_jitter = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
   c.crop_scale = (0.08, 1.0)  # RandomResizedCrop area range
   c.random_flip = True
-  # Training resize: False = one antialiased pass within one level of PIL's (fast);
-  # True = PIL's own fixed-point two passes, equal to the pixel (about half the
-  # images/s per core). Evaluation always uses PIL's exact resize.
-  c.exact_resize_train = False
   # Decode every image of the train and eval splits before training and name the ones
   # that fail (always done for the eval split of folder: datasets). During training an
   # undecodable image stops the run with its file named.
   c.check_images = False
-  c.shuffle_buffer = 16_384
-  # "global_stream": every process reads the same stream and decodes its rows of each
-  # global batch (results independent of the process count); "per_process": each process
-  # reads only its own part of the split (less I/O on many hosts).
-  c.data_sharding = "global_stream"
+  # Threads per process decoding and augmenting images (PIL, in a Grain pipeline):
+  # 0 = all cores of the process's share (its CPU affinity, e.g. SLURM --cpus-per-task)
+  # but one, at least 1. Each epoch is a fresh seeded permutation of the whole split; the
+  # data position is the step, so neither this nor the process count changes the batches.
+  c.data_workers = 0
 
   # Global batch. The learning rate below is for `base_batch_size` and scales linearly.
   c.batch_size = 256

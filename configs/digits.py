@@ -26,7 +26,6 @@ def get_config():
   c.batch_size = 64
   c.eval_batch_size = 120
   c.base_batch_size = 64
-  c.shuffle_buffer = 2048
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.pipeline = ml_collections.ConfigDict()

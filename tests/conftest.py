@@ -67,10 +67,10 @@ def nhwc(x):
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-  """A TFDS data_dir with the digits data set prepared, once per session."""
-  from bcdnet_jax import data
+  """A TFDS data_dir with the digits data set prepared (ArrayRecord), once per session."""
+  from bcdnet_jax.data import sources
   d = str(tmp_path_factory.mktemp("tfds"))
-  data.get_builder("digits", d)
+  sources.open_source("digits", "train", d)
   return d
 
 

@@ -1,5 +1,6 @@
 """The training library path on the digits TFDS dataset with a very small BCDNet."""
 
+import io
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 from flax import nnx
 from helpers.configs import small_config
 
-from bcdnet_jax import checkpoint, convert, data, models, train
+from bcdnet_jax import checkpoint, convert, data, models, preprocessing, train
 from configs import stage1, stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,11 +206,11 @@ def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir
   res = train.evaluate(c, str(tmp_path / "ev"), return_predictions=True)
   model = checkpoint.restore_model(out)
   model.eval()
-  b = data.get_builder("digits", digits_dir)
-  ds, _, total = data.eval_dataset(b, train._data_config(c), 64, 64)
+  source = data.open_source("digits", "test", digits_dir)
+  batches, _, total = data.eval_batches(source, train._data_config(c), 64, 64)
   preds, labels = [], []
-  fwd = nnx.jit(lambda m, x: m(x))
-  for batch in ds.as_numpy_iterator():
+  fwd = nnx.jit(lambda m, x: m(preprocessing.normalize(x)))
+  for batch in batches:
     m = batch["mask"].astype(bool)
     preds.append(np.asarray(fwd(model, jnp.asarray(batch["image"]))).argmax(-1)[m])
     labels.append(batch["labels"][m].argmax(-1))
@@ -303,7 +304,7 @@ class TinyImagenet2012Real(tfds.core.GeneratorBasedBuilder):
 @pytest.mark.slow
 def test_eval_on_imagenet_v2_and_real_layouts(tmp_path, digits_dir):
   for cls in (TinyImagenetV2, TinyImagenet2012Real):
-    cls(data_dir=digits_dir).download_and_prepare()
+    cls(data_dir=digits_dir, file_format="array_record").download_and_prepare()
   model = models.create_model("bcdnet_a", stage=2, num_classes=10, seed=3,
                               channels=[4, 8, 16, 16, 32, 32, 64, 64, 64, 64, 128])
   out = checkpoint.save_model(model, str(tmp_path / "m"))
@@ -315,15 +316,16 @@ def test_eval_on_imagenet_v2_and_real_layouts(tmp_path, digits_dir):
   assert list(sets) == ["tiny_imagenet_v2:test", "tiny_imagenet2012_real:validation"]
   # by hand: the model on the same preprocessing, ReaL = prediction in the label set
   model.eval()
-  fwd = nnx.jit(lambda m, x: m(x))
+  fwd = nnx.jit(lambda m, x: m(preprocessing.normalize(x)))
   for name, key in (("tiny_imagenet_v2", "label"), ("tiny_imagenet2012_real", "real_label")):
-    b = data.get_builder(name, digits_dir)
+    source = data.open_source(name, "test" if key == "label" else "validation", digits_dir)
+    assert source.multi_label == (key == "real_label")
     hits1, hits5, n = 0, 0, 0
-    for ex in b.as_dataset(split=list(b.info.splits)[0],
-                           decoders={"image": tfds.decode.SkipDecoding()}):
-      x = data.preprocess_eval(ex["image"], image_size=32, crop_ratio=0.875).numpy()
+    for i in range(len(source)):
+      ex = source[i]
+      x = data.eval_transform(ex["image"], image_size=32, crop_ratio=0.875)
       logits = np.asarray(fwd(model, jnp.asarray(x[None])))[0]
-      truth = set(np.atleast_1d(ex[key].numpy()).tolist())
+      truth = set(np.atleast_1d(ex["label"]).tolist())
       if not truth:
         continue  # ReaL: images without labels do not count
       n += 1
@@ -346,8 +348,9 @@ def test_eval_dataset_names_and_missing_real_hint():
   assert data.parse_eval_dataset("imagenet2012_real", "x") == ("imagenet2012_real",
                                                                "validation")
   assert data.parse_eval_dataset("digits:test", "x") == ("digits", "test")
-  with pytest.raises(data.DataError, match="ILSVRC2012_img_val.tar in"):
-    data.get_builder("imagenet2012_real", "/nonexistent/tfds")
+  assert data.parse_eval_dataset("folder:/a/b:val", "x") == ("folder:/a/b", "val")
+  with pytest.raises(data.DataError, match="ILSVRC2012_img_val.tar"):
+    data.open_source("imagenet2012_real", "validation", "/nonexistent/tfds")
 
 
 # --- hardening: bad input is named, nothing already written is damaged ----------------------
@@ -373,23 +376,22 @@ def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_di
   art = str(tmp_path / "digits.bcdnet")
   export.export_checkpoint(wd, art)
   assert export.load_packed(art).header["preprocess"]["image_size"] == 16
-  b = data.get_builder("digits", digits_dir)
-  files, labels = [], []
-  for i, ex in enumerate(b.as_dataset(split="test", decoders={
-      "image": tfds.decode.SkipDecoding()}).take(40).as_numpy_iterator()):
+  source = data.open_source("digits", "test", digits_dir)
+  files = []
+  for i in range(40):
     path = tmp_path / f"{i}.png"
-    path.write_bytes(ex["image"])
+    path.write_bytes(source[i]["image"])
     files.append(str(path))
-    labels.append(int(ex["label"]))
   model = export.load_packed(art)
   pre = preprocessing.resolve(model.header["preprocess"])
   top, _ = predict.predict(model, predict.load_images(files, pre), k=1)
   restored = checkpoint.restore_model(wd)
   restored.eval()
-  ds, _, _ = data.eval_dataset(b, dataclasses_replace(train._data_config(small_config(
-      digits_dir)), image_size=16, eval_crop_ratio=1.0), 40, 40)
-  batch = next(ds.as_numpy_iterator())
-  direct = np.asarray(nnx.jit(lambda m, x: m(x))(restored, jnp.asarray(batch["image"])))
+  batches, _, _ = data.eval_batches(source, dataclasses_replace(train._data_config(
+      small_config(digits_dir)), image_size=16, eval_crop_ratio=1.0), 40, 40)
+  batch = next(batches)
+  direct = np.asarray(nnx.jit(lambda m, x: m(preprocessing.normalize(x)))(
+      restored, jnp.asarray(batch["image"])))
   np.testing.assert_array_equal(top[:, 0], direct.argmax(-1))
 
 
@@ -448,7 +450,7 @@ def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
   for kw, msg in [(dict(mode="evaluate"), "config.mode: 'evaluate' is not one of"),
                   (dict(eval_crop_ratio=0.0), "config.eval_crop_ratio: must be in"),
                   (dict(image_size=34), "config.image_size: 34 px images do not fit"),
-                  (dict(data_sharding="rows"), "config.data_sharding: 'rows'")]:
+                  (dict(data_workers=-1), "config.data_workers: must be an integer >= 0")]:
     c = small_config(digits_dir, **kw)
     with pytest.raises(train.ConfigError, match=msg):
       train.run(c, str(tmp_path / "w"))
@@ -505,40 +507,27 @@ def test_folder_dataset_problems_are_named(tmp_path):
               os.path.join(root, split, c, f"{i}.jpg"))
   ok = str(tmp_path / "ok")
   tree(ok, {"train": ["cat", "dog"], "validation": ["cat", "dog"]})
-  # a PNG named .png and one named .jpg are decoded by content
-  Image.fromarray(rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)).save(
-      os.path.join(ok, "train", "cat", "p.png"))
-  Image.fromarray(rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)).save(
-      os.path.join(ok, "train", "dog", "png_content.jpg"), format="PNG")
-  b = data.get_builder(f"folder:{ok}", str(tmp_path / "tfds"))
-  assert data.undecodable(b, "train") == []
-  # zero-byte, truncated and text files: named
-  good = open(os.path.join(ok, "train", "cat", "0.jpg"), "rb").read()
-  open(os.path.join(ok, "train", "dog", "empty.jpg"), "wb").close()
-  open(os.path.join(ok, "train", "dog", "cut.jpg"), "wb").write(good[:len(good) // 3])
-  open(os.path.join(ok, "validation", "cat", "text.jpg"), "w").write("hello")
-  b = data.get_builder(f"folder:{ok}", str(tmp_path / "tfds2"))
-  bad = data.undecodable(b, "train")
-  assert sorted(os.path.basename(p) for p in bad) == ["cut.jpg", "empty.jpg"]
-  with pytest.raises(data.DataError, match="text.jpg"):
-    data.check_images(b, "validation", f"folder:{ok}")
-  # training with a bad validation image fails before training, naming it
-  c = small_config(str(tmp_path / "tfds3"), dataset=f"folder:{ok}", eval_split="validation")
-  with pytest.raises(data.DataError, match="text.jpg"):
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (96, 96, 3)).astype(np.uint8)).save(buf, "JPEG")
+  # a truncated validation JPEG (PIL reads its header): training fails before any step
+  cut = os.path.join(ok, "validation", "cat", "cut.jpg")
+  open(cut, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
+  c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{ok}", eval_split="validation")
+  with pytest.raises(data.DataError, match=r"undecodable image\(s\).*cut\.jpg"):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
-  # a bad training image (validation clean): the run stops and names the file
-  os.remove(os.path.join(ok, "validation", "cat", "text.jpg"))
-  c = small_config(str(tmp_path / "tfds4"), dataset=f"folder:{ok}", eval_split="validation")
-  with pytest.raises(data.DataError, match=r"undecodable image\(s\).*(cut|empty)\.jpg"):
+  # a truncated training image (validation clean): the run stops and names the file
+  os.rename(cut, os.path.join(ok, "train", "dog", "cut.jpg"))
+  with pytest.raises(data.DataError, match=r"split 'train'.*cut\.jpg"):
     train.train_and_evaluate(c, str(tmp_path / "wd2"))
-  # class mismatch and empty classes
+  # ... and check_images finds it before training
+  c.check_images = True
+  with pytest.raises(data.DataError, match=r"undecodable image\(s\).*cut\.jpg"):
+    train.train_and_evaluate(c, str(tmp_path / "wd3"))
+  assert not os.path.exists(tmp_path / "wd3" / "checkpoints")
+  # class mismatch between the splits: named before any work
   mism = str(tmp_path / "mism")
   tree(mism, {"train": ["cat", "dog"], "validation": ["cat", "cow"]})
+  c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{mism}", eval_split="validation")
   with pytest.raises(data.DataError, match=r"different classes .*dog.*cow"):
-    data.get_builder(f"folder:{mism}", None)
-  empty = str(tmp_path / "empty")
-  tree(empty, {"train": ["cat", "dog"], "validation": ["cat", "dog"]})
-  os.makedirs(os.path.join(empty, "train", "bird"))
-  with pytest.raises(data.DataError, match="without images .*bird"):
-    data.get_builder(f"folder:{empty}", None)
+    train.train_and_evaluate(c, str(tmp_path / "wd4"))

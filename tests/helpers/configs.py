@@ -21,7 +21,6 @@ def small_config(data_dir, *, tiny=True, **kw):
   c.learning_rate = 2e-3
   c.log_every_steps = 1
   c.checkpoint_every_steps = 3
-  c.shuffle_buffer = 256
   for k, v in kw.items():
     c[k] = v
   return c

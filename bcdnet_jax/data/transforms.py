@@ -1,0 +1,293 @@
+"""PIL decoding and torchvision's image transforms on PIL images, uint8 out.
+
+The released models were trained and evaluated on images decoded by PIL (torchvision's
+default loader: `Image.open(f).convert("RGB")`) and transformed by torchvision on the PIL
+image: `RandomResizedCrop` (`crop` + `resize(BILINEAR)`), `RandomHorizontalFlip`,
+`ColorJitter` (Pillow's `ImageEnhance` and HSV conversion) for training; `Resize` +
+`CenterCrop` for evaluation. This module calls PIL itself for every pixel operation, so its
+output equals the authors' pixels by construction; only the random draws are ours, made in
+NumPy with the distributions torchvision samples (written from torchvision's definitions,
+our own code). Normalisation (mean/std) is left to the device: the output is uint8
+[size, size, 3], 4x fewer bytes host -> device than float32.
+
+Randomness is stateless: `rng(seed, position)` is a counter-based generator keyed by the
+seed and the example's global position in the stream, so any example's crop, flip and
+jitter depend on nothing else (deterministic on any number of workers, resumable anywhere).
+
+No TensorFlow here: this module runs in Grain workers / threads on hosts without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image, ImageEnhance, UnidentifiedImageError
+
+from bcdnet_jax import errors
+
+_MASK64 = (1 << 64) - 1
+
+
+class ImageDecodeError(errors.UserError):
+  """Bytes that PIL cannot open or decode; the message names the image and says why."""
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
+  """The RGB PIL image of encoded `raw` bytes, as torchvision's default loader gives it.
+
+  `Image.open` identifies the format by content (JPEG, PNG, GIF, BMP, WebP, TIFF, ...);
+  `convert("RGB")` turns grayscale, CMYK, palette (transparent index: its palette colour),
+  RGBA (alpha dropped) and 16-bit images into RGB as PIL does; animations give their first
+  frame. The pixels are decoded here (not lazily), so a broken file fails now.
+
+  Raises `ImageDecodeError` naming `name` when PIL cannot identify or fully decode the
+  bytes (empty, truncated, not an image).
+  """
+  try:
+    img = Image.open(io.BytesIO(raw))
+    if img.mode == "RGB":
+      img.load()  # convert("RGB") of an RGB image is a copy of these same pixels
+    else:
+      img = img.convert("RGB")
+  except MemoryError:
+    raise
+  except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
+    if not raw:
+      why = "empty file"
+    elif isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object
+      why = "not an image format PIL can identify (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)"
+    else:
+      why = " ".join(str(e).split()) or type(e).__name__
+    raise ImageDecodeError(f"cannot decode image {name}: {why}") from e
+  return img
+
+
+# --- randomness -----------------------------------------------------------------------------
+
+def rng(seed: int, position: int) -> np.random.Generator:
+  """A NumPy generator that depends only on (seed, position): Philox keyed by the two
+  64-bit words (both taken modulo 2^64). Stateless in the sense of tf.random.stateless_*:
+  example `position` of the stream gets the same draws however the stream is split or
+  resumed, and different positions get independent streams."""
+  key = np.array([int(seed) & _MASK64, int(position) & _MASK64], dtype=np.uint64)
+  return np.random.Generator(np.random.Philox(key=key))
+
+
+# --- RandomResizedCrop ----------------------------------------------------------------------
+
+def random_resized_crop_window(height: int, width: int, rng: np.random.Generator,
+                               scale=(0.08, 1.0),
+                               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision `RandomResizedCrop.get_params`: (top, left, h, w) of a window of an image
+  of `height` x `width` pixels.
+
+  Up to 10 tries: area = U(scale) * H W, aspect ratio = exp(U(log ratio)),
+  w = int(round(sqrt(area * ratio))), h = int(round(sqrt(area / ratio))) (round half to
+  even, as Python); the first that fits (0 < w <= W, 0 < h <= H) is placed uniformly over
+  every position (top in [0, H - h], left in [0, W - w]). Otherwise the centre crop at the
+  image's aspect ratio clamped to `ratio` (the whole image when its ratio is inside).
+  The draws are made in the order torchvision makes them, from `rng`.
+  """
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+# --- ColorJitter ----------------------------------------------------------------------------
+
+def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
+  """torchvision `adjust_hue` on a PIL RGB image: PIL's HSV, the uint8 hue channel shifted by
+  `int(hue * 255)` with wrap-around (mod 256), back to RGB with PIL. `hue` in [-0.5, 0.5]."""
+  h, s, v = img.convert("HSV").split()
+  np_h = np.array(h, dtype=np.uint8)
+  np_h += np.uint8(int(hue * 255) & 0xFF)  # truncation toward zero, then mod 256: torchvision
+  return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+_JITTER_OPS = (
+    lambda img, f: ImageEnhance.Brightness(img).enhance(f),  # adjust_brightness
+    lambda img, f: ImageEnhance.Contrast(img).enhance(f),  # adjust_contrast
+    lambda img, f: ImageEnhance.Color(img).enhance(f),  # adjust_saturation
+    adjust_hue,
+)
+
+
+def jitter_params(rng: np.random.Generator, brightness=0.0, contrast=0.0, saturation=0.0,
+                  hue=0.0) -> tuple[np.ndarray, tuple]:
+  """torchvision `ColorJitter.get_params`: (order, factors). `order` is a uniformly random
+  permutation of the op indices 0-3 (brightness, contrast, saturation, hue; drawn first,
+  as `torch.randperm(4)`); the factors are uniform in [max(0, 1 - x), 1 + x] for the
+  first three and in [-hue, hue] for hue, None for a strength of 0 (the op is skipped).
+  Raises `errors.UserError` for a negative strength or a hue above 0.5 (torchvision's
+  bounds), naming the config field `color_jitter`."""
+  if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
+    raise errors.UserError(
+        f"color_jitter={(brightness, contrast, saturation, hue)}: strengths must be >= 0 "
+        "and the hue strength <= 0.5 (torchvision's ColorJitter bounds)")
+  order = rng.permutation(4)
+
+  def factor(x, lo, hi):
+    return float(rng.uniform(lo, hi)) if x else None
+
+  factors = (factor(brightness, max(0.0, 1.0 - brightness), 1.0 + brightness),
+             factor(contrast, max(0.0, 1.0 - contrast), 1.0 + contrast),
+             factor(saturation, max(0.0, 1.0 - saturation), 1.0 + saturation),
+             factor(hue, -hue, hue))
+  return order, factors
+
+
+def apply_jitter(img: Image.Image, order, factors) -> Image.Image:
+  """torchvision `ColorJitter.forward` on PIL: the ops (0 brightness, 1 contrast,
+  2 saturation, 3 hue) in `order`, each with its factor (None: skipped)."""
+  for k in order:
+    if factors[k] is not None:
+      img = _JITTER_OPS[k](img, factors[k])
+  return img
+
+
+# --- the training and evaluation transforms -------------------------------------------------
+
+def crop_resize(img: Image.Image, window, size: int) -> Image.Image:
+  """torchvision `resized_crop` on PIL: `crop` the (top, left, h, w) window, then
+  `resize((size, size), BILINEAR)` (PIL's filter taps clamp at the crop's edges)."""
+  top, left, h, w = window
+  img = img.crop((left, top, left + w, top + h))
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BILINEAR)
+  return img
+
+
+def train_transform(raw: bytes, rng: np.random.Generator, *, image_size: int,
+                    crop_scale=(0.08, 1.0), random_flip: bool = True,
+                    color_jitter=(0.0, 0.0, 0.0, 0.0), name: str = "<bytes>") -> np.ndarray:
+  """uint8 [image_size, image_size, 3]: torchvision's training transform on the PIL image.
+
+  `decode`, `RandomResizedCrop(image_size, scale=crop_scale)` (window from
+  `random_resized_crop_window`, then `crop_resize`), `RandomHorizontalFlip(0.5)` when
+  `random_flip`, `ColorJitter(*color_jitter)` (brightness, contrast, saturation, hue) when
+  any strength is non-zero. Random draws come from `rng` in torchvision's order (crop,
+  flip, jitter). Raises `ImageDecodeError` naming `name` for undecodable bytes.
+  """
+  img = decode(raw, name)
+  window = random_resized_crop_window(img.height, img.width, rng, scale=tuple(crop_scale))
+  img = crop_resize(img, window, image_size)
+  if random_flip and rng.random() < 0.5:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if any(color_jitter):
+    img = apply_jitter(img, *jitter_params(rng, *color_jitter))
+  return np.asarray(img)
+
+
+def eval_resize_size(image_size: int, crop_ratio: float) -> int:
+  """The shorter side before the centre crop: `int(round(image_size / crop_ratio))`
+  (256 for 224 at the usual 0.875)."""
+  return int(round(image_size / crop_ratio))
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+  """torchvision `Resize(size)` on PIL: the shorter side becomes `size`, the longer
+  `int(size * long / short)` (Python floats, as torchvision), BILINEAR; no-op when the
+  size is already right."""
+  w, h = img.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_long = int(size * long / short)
+  new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+  if (new_w, new_h) == (w, h):
+    return img
+  return img.resize((new_w, new_h), Image.BILINEAR)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+  """torchvision `CenterCrop(size)` on PIL: offsets `int(round((H - size) / 2.0))`; a side
+  shorter than `size` is zero-padded first, (d // 2) before and ((d + 1) // 2) after, as
+  torchvision pads (PIL's crop fills outside the image with zeros)."""
+  w, h = img.size
+
+  def offset(n):
+    return -((size - n) // 2) if size > n else int(round((n - size) / 2.0))
+
+  top, left = offset(h), offset(w)
+  return img.crop((left, top, left + size, top + size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _exact_box(n_in: int, n_out: int, start: int, size: int) -> tuple[float, float] | None:
+  """The box (in0, in1) along one axis with which PIL's resize of [in0, in1) to `size`
+  pixels computes, for output k, exactly the filter its resize of the whole axis (n_in ->
+  n_out) computes for output start + k; None when no such box is certain.
+
+  PIL passes a box as C floats and computes scale = (in1 - in0) / size and the centres
+  in0 + (k + 0.5) * scale in double, the whole axis with in0 = 0 and scale = n_in / n_out.
+  When n_in / n_out has a power-of-two denominator (e.g. a shorter side resized to 256) and
+  the box ends are exact in float32, every one of these numbers is exact, hence bitwise
+  equal in both computations (with or without fused multiply-add)."""
+  scale = Fraction(n_in, n_out)
+  if scale.denominator & (scale.denominator - 1):
+    return None
+  in0, in1 = start * scale, (start + size) * scale
+  for v in (in0, in1, in1 - in0):
+    if Fraction(float(np.float32(float(v)))) != v:
+      return None
+  return float(in0), float(in1)
+
+
+def _resize_center_crop(img: Image.Image, resize: int, size: int) -> Image.Image:
+  """`center_crop(resize_shorter(img, resize), size)`, computing only the crop.
+
+  PIL's BILINEAR resize is two passes, horizontal then vertical, the intermediate rounded
+  to uint8, each output column (row) of a pass depending on its input column (row) alone.
+  So the horizontal pass of the whole image followed by the crop's columns, then the
+  vertical pass of those columns followed by the crop's rows, gives the same pixels; a
+  pass restricted to the crop by a box where `_exact_box` proves the coefficients equal
+  skips the other outputs. Equal to the reference on 100 % of values (tested)."""
+  w, h = img.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_long = int(resize * long / short)
+  ow, oh = (resize, new_long) if w <= h else (new_long, resize)
+  if (ow, oh) == (w, h) or size > min(ow, oh):
+    return center_crop(resize_shorter(img, resize), size)
+  top, left = int(round((oh - size) / 2.0)), int(round((ow - size) / 2.0))
+  box = _exact_box(w, ow, left, size)
+  if box:
+    img = img.resize((size, h), Image.BILINEAR, box=(box[0], 0, box[1], h))
+  else:
+    img = img.resize((ow, h), Image.BILINEAR).crop((left, 0, left + size, h))
+  box = _exact_box(h, oh, top, size)
+  if box:
+    return img.resize((size, size), Image.BILINEAR, box=(0, box[0], size, box[1]))
+  return img.resize((size, oh), Image.BILINEAR).crop((0, top, size, top + size))
+
+
+def eval_transform(raw: bytes, *, image_size: int, crop_ratio: float,
+                   name: str = "<bytes>") -> np.ndarray:
+  """uint8 [image_size, image_size, 3]: torchvision's `Resize(eval_resize_size(...))` +
+  `CenterCrop(image_size)` on the PIL-decoded image (only the crop is computed, with PIL's
+  own resize: `_resize_center_crop`). Raises `ImageDecodeError` naming `name` for
+  undecodable bytes."""
+  img = decode(raw, name)
+  return np.asarray(_resize_center_crop(img, eval_resize_size(image_size, crop_ratio),
+                                        image_size))
