@@ -267,14 +267,7 @@ class Monitor:
     self.every, self.total, self.step = every, total, start_step
     self._signs = jax.jit(lambda p: init_signs(lay, p))(params)
     self.latest = None
-    self._streak: dict = {}
-    self._outside: set = set()
-    c = config
-    self.warn_after = int(c.get("diagnostics_warn_after", 3)) if c is not None else 3
-    self.flip_min = float(c.get("diagnostics_flip_min", 0.0)) if c is not None else 0.0
-    self.flip_max = float(c.get("diagnostics_flip_max", 0.5)) if c is not None else 0.5
-    self.balance = (tuple(c.get("diagnostics_sign_balance", (0.05, 0.95)))
-                    if c is not None else (0.05, 0.95))
+    self.alarms = Alarms.from_config(config)
 
   def due(self, step: int) -> bool:
     return step % self.every == 0 or step == self.total
@@ -300,9 +293,29 @@ class Monitor:
     for layer, vecs in out["vectors"].items():
       for k, v in vecs.items():
         writer.histogram(step, f"diagnostics/{layer}/{k}", v)
-    for line in self.check(step, out["stats"]):
+    for line in self.alarms.check(step, out["stats"]):
       log.warning("%s", line)
     return flat
+
+
+class Alarms:
+  """The warnings of `Monitor`, from the `diagnostics_*` config fields."""
+
+  def __init__(self, *, warn_after: int = 3, flip_min: float = 0.0, flip_max: float = 0.5,
+               balance: tuple = (0.05, 0.95)):
+    self.warn_after, self.flip_min, self.flip_max = warn_after, flip_min, flip_max
+    self.balance = tuple(balance)
+    self._streak: dict = {}
+    self._outside: set = set()
+
+  @classmethod
+  def from_config(cls, c) -> Alarms:
+    if c is None:
+      return cls()
+    return cls(warn_after=int(c.get("diagnostics_warn_after", 3)),
+               flip_min=float(c.get("diagnostics_flip_min", 0.0)),
+               flip_max=float(c.get("diagnostics_flip_max", 0.5)),
+               balance=tuple(c.get("diagnostics_sign_balance", (0.05, 0.95))))
 
   def check(self, step: int, stats: dict) -> list[str]:
     """Warning lines for step `step`: flip ratios <= flip_min ("frozen") or > flip_max

@@ -100,8 +100,10 @@ def _plain(v):
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The objects of a JSON-lines file, skipping a last line cut by a kill; later lines for
-  a step replace earlier ones (files written before resumes dropped repeated steps)."""
+  """The objects of a JSON-lines file, one per step in step order, skipping a last line cut
+  by a kill. Lines of the same step merge, a later value replacing an earlier one: an
+  evaluation logged at a training step's number joins that step's line, and a step logged
+  again (files written before resumes dropped repeated steps) counts once."""
   by_step = {}
   if not os.path.exists(path):
     return []
@@ -109,7 +111,7 @@ def read_jsonl(path: str) -> list[dict]:
     for line in f:
       try:
         obj = json.loads(line)
-        by_step[int(obj["step"])] = obj
+        by_step.setdefault(int(obj["step"]), {}).update(obj)
       except (ValueError, KeyError, TypeError):
         continue
   return [by_step[s] for s in sorted(by_step)]

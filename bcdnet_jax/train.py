@@ -769,4 +769,18 @@ def _run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "results.json"), final)
     fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    write_report(workdir)
   return final
+
+
+def write_report(workdir: str) -> str | None:
+  """`bcdnet-report`'s plots and page of `workdir` in workdir/report; a report that
+  cannot be made is a warning, not a failed run (the training results are written)."""
+  from bcdnet_jax import report
+  try:
+    index = report.build(workdir)
+  except Exception as e:  # noqa: BLE001 - plotting must not fail a finished training
+    log.warning("report of %s not written: %s", workdir, e)
+    return None
+  log.info("report: %s", index)
+  return index
