@@ -122,14 +122,20 @@ def _plt():
   return plt
 
 
-def _mark_stages(ax, stages):
+def _mark_stages(ax, stages, lo=None):
+  """Stage boundaries and names; `lo`: the axis starts there (stages ending before it are
+  not named)."""
   if len(stages) < 2:
     return
   for s in stages[1:]:
-    ax.axvline(s.offset, color="0.4", linestyle="--", linewidth=0.8)
+    if lo is None or s.offset >= lo:
+      ax.axvline(s.offset, color="0.4", linestyle="--", linewidth=0.8)
   for s in stages:
-    ax.annotate(s.name, (s.offset, 1), xycoords=("data", "axes fraction"),
-                xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.3")
+    if lo is not None and s.offset + s.total_steps <= lo:
+      continue
+    x = s.offset if lo is None else max(s.offset, lo)
+    ax.annotate(s.name, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                textcoords="offset points", fontsize=8, color="0.3")
 
 
 def _series(stages, key):
@@ -244,7 +250,8 @@ def plot_heatmap(stages, stat: str, title: str, scale: str, path: str) -> bool:
   ax.tick_params(axis="x", labelsize=8)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   fig.colorbar(mesh, ax=ax, fraction=0.03, pad=0.01)
-  _mark_stages(ax, stages)
+  ax.set_xlim(edges[0], edges[-1])
+  _mark_stages(ax, stages, lo=edges[0])
   fig.tight_layout()
   fig.savefig(path, dpi=DPI)
   plt.close(fig)
