@@ -28,7 +28,8 @@ per-channel PReLU slopes (histogram `diagnostics/<layer>/slope`).
 
 Fractions are exact: counts in int32 divided by the number of elements.
 The statistics are computed inside the jitted training step under a `lax.cond` on a
-device flag, so steps without diagnostics run none of the reductions.
+device flag, so steps without diagnostics run none of the reductions; the previous signs
+are updated by a separate small jitted function after each diagnostics step only.
 """
 
 from __future__ import annotations
@@ -217,23 +218,21 @@ def forward_recording(model, images):
 
 
 def step_outputs(lay: Layout, diag_in: dict, params, grads, sign_inputs: dict) -> dict:
-  """The training step's diagnostics output: {"signs", "stats", "vectors"}, computed when
-  `diag_in["due"]` (a device bool) is true; otherwise zeros and the previous signs as
-  they were, at no cost beyond the branch."""
-  prev = diag_in["signs"]
+  """The training step's diagnostics output {"stats", "vectors"} (see `compute`), computed
+  when `diag_in["due"]` (a device bool) is true, zeros otherwise; `diag_in["signs"]`: the
+  signs of the previous diagnostics step (`init_signs` of the parameters after it: the
+  caller updates them, so steps without diagnostics neither compute nor copy them)."""
 
   def run(operands):
     params, grads, sign_inputs, prev = operands
-    stats, vectors, signs = compute(lay, params, grads, sign_inputs, prev)
-    return {"signs": signs, "stats": stats, "vectors": vectors}
+    stats, vectors, _ = compute(lay, params, grads, sign_inputs, prev)
+    return {"stats": stats, "vectors": vectors}
 
   def skip(operands):
-    shapes = jax.eval_shape(run, operands)
-    out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    out["signs"] = operands[3]
-    return out
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, operands))
 
-  return jax.lax.cond(diag_in["due"], run, skip, (params, grads, sign_inputs, prev))
+  return jax.lax.cond(diag_in["due"], run, skip,
+                      (params, grads, sign_inputs, diag_in["signs"]))
 
 
 # --- the host side --------------------------------------------------------------------------
@@ -263,7 +262,8 @@ class Monitor:
                total: int, config=None):
     self.layout, self._p_step = lay, p_step
     self.every, self.total, self.step = every, total, start_step
-    self._signs = jax.jit(lambda p: init_signs(lay, p))(params)
+    self._init_signs = jax.jit(lambda p: init_signs(lay, p))
+    self._signs = self._init_signs(params)
     self.latest = None
     self.alarms = Alarms.from_config(config)
 
@@ -272,11 +272,12 @@ class Monitor:
 
   def __call__(self, state, batch, teacher_state):
     self.step += 1
-    state, metrics, out = self._p_step(
-        state, batch, teacher_state,
-        {"signs": self._signs, "due": jnp.asarray(self.due(self.step))})
-    self._signs = out["signs"]
-    self.latest = (self.step, out) if self.due(self.step) else self.latest
+    due = self.due(self.step)
+    state, metrics, out = self._p_step(state, batch, teacher_state,
+                                       {"signs": self._signs, "due": jnp.asarray(due)})
+    if due:  # the next flips count from these weights
+      self._signs = self._init_signs(state["params"])
+      self.latest = (self.step, out)
     return state, metrics
 
   def write(self, step: int, writer) -> dict:
@@ -285,7 +286,7 @@ class Monitor:
     flat {"<layer>/<stat>": value}."""
     if self.latest is None or self.latest[0] != step:
       raise RuntimeError(f"no diagnostics computed at step {step}")
-    out = jax.device_get({k: v for k, v in self.latest[1].items() if k != "signs"})
+    out = jax.device_get(self.latest[1])
     flat = flatten(self.layout.ordered(out["stats"]))
     writer.scalars(step, flat, jsonl="diagnostics", prefix="diagnostics/")
     for layer, vecs in out["vectors"].items():

@@ -79,13 +79,13 @@ class Runtime:
                                                        sharding=self.replicated), tree)
 
   def jit_train_step(self, train_step, diagnostics: bool = False):
-    """The jitted step; `diagnostics`: the step takes and returns the diagnostics state as
-    well (`train.make_train_step(..., diagnostics=...)`), replicated and donated."""
+    """The jitted step; `diagnostics`: the step takes the diagnostics input and returns
+    their output as well (`train.make_train_step(..., diagnostics=...)`), replicated."""
     extra = (self.replicated,) if diagnostics else ()
     return jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding,
                                              self.replicated, *extra),
                    out_shardings=(self.replicated, self.replicated, *extra),
-                   donate_argnums=(0, 3) if diagnostics else (0,),
+                   donate_argnums=(0,),
                    compiler_options=compiler_options())
 
   def jit_eval_step(self, eval_graphdef):

@@ -187,9 +187,10 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None, diagnosti
 
   With `diagnostics` (a `diagnostics.Layout` of the model) the step is
   train_step(state, batch, teacher_state, diag) -> (state, metrics, diag_out): `diag` is
-  {"signs": the previous weight signs, "due": a bool scalar}, and `diag_out` the
-  binarisation statistics of this step when due (`diagnostics.step_outputs`). The loss,
-  gradients and update are the same computations either way.
+  {"signs": the weight signs of the previous diagnostics step, "due": a bool scalar}, and
+  `diag_out` the binarisation statistics of this step when due
+  (`diagnostics.step_outputs`). The loss, gradients and update are the same computations
+  either way.
   """
   from bcdnet_jax import diagnostics as diag_lib
   smoothing = config.label_smoothing

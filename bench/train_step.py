@@ -89,8 +89,7 @@ def jax_setup(a):
     from bcdnet_jax import diagnostics
     lay = diagnostics.layout(spec, a.image_size)
   step_fn = train.make_train_step(train_def, tx, cfg, teacher_def, lay)
-  step = jax.jit(step_fn, donate_argnums=(0, 3) if lay else 0,
-                 compiler_options=runtime.compiler_options())
+  step = jax.jit(step_fn, donate_argnums=0, compiler_options=runtime.compiler_options())
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jax.numpy.zeros((), jax.numpy.int32)}
   rng = np.random.default_rng(0)
@@ -99,7 +98,8 @@ def jax_setup(a):
       "label": rng.integers(0, a.num_classes, a.batch).astype(np.int32)})
   holder = [state]
   if lay is not None:
-    holder += [jax.jit(lambda p: diagnostics.init_signs(lay, p))(params), 0]
+    init_signs = jax.jit(lambda p: diagnostics.init_signs(lay, p))
+    holder += [init_signs(params), 0]
 
   def run():
     if lay is None:
@@ -110,8 +110,9 @@ def jax_setup(a):
     due = jax.numpy.asarray(holder[2] % max(a.diagnostics_every, 1) == 0)
     holder[0], metrics, out = step(holder[0], batch, teacher_state,
                                    {"signs": holder[1], "due": due})
-    holder[1] = out["signs"]
-    jax.block_until_ready((metrics["loss"], out["stats"]))
+    if due:  # as diagnostics.Monitor does
+      holder[1] = init_signs(holder[0]["params"])
+    jax.block_until_ready((metrics["loss"], out["stats"], holder[1]))
 
   return run, step, holder, batch, teacher_state, spec
 
