@@ -39,6 +39,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bcdnet_jax import binarize, blocks, layers, models
@@ -274,7 +275,7 @@ class Monitor:
     self.step += 1
     due = self.due(self.step)
     state, metrics, out = self._p_step(state, batch, teacher_state,
-                                       {"signs": self._signs, "due": jnp.asarray(due)})
+                                       {"signs": self._signs, "due": np.bool_(due)})
     if due:  # the next flips count from these weights
       self._signs = self._init_signs(state["params"])
       self.latest = (self.step, out)
