@@ -119,6 +119,22 @@ def test_resumed_run_counts_each_step_once(tmp_path):
   check_report(os.path.join(wd, "report"), ALL_HEATMAPS)
 
 
+def test_pipeline_in_progress_before_its_config_is_written(tmp_path):
+  wd = synthetic_pipeline(str(tmp_path / "run"))
+  os.remove(os.path.join(wd, "config.json"))  # the pipeline writes it at the end
+  os.remove(os.path.join(wd, "stage2", "results.json"))
+  lines = open(os.path.join(wd, "stage2", "metrics.jsonl")).readlines()[:12]
+  with open(os.path.join(wd, "stage2", "metrics.jsonl"), "w") as f:
+    f.writelines(lines + ['{"step": 13, "loss": 0.'])  # a line cut by a kill
+  stages = report.find_stages(wd)
+  assert [(s.name, s.offset, s.total_steps) for s in stages] == [("stage1", 0, 20),
+                                                                 ("stage2", 20, 30)]
+  assert [m["step"] for m in stages[1].metrics] == list(range(1, 13))
+  page, _ = check_report(os.path.dirname(report.build(wd)), ALL_HEATMAPS)
+  assert "stage2: step 12 of 30 logged, in progress" in page
+  assert "<td>stage2</td>" not in page and "<td>stage1</td>" in page
+
+
 def test_multi_set_evaluation_table(tmp_path):
   wd = str(tmp_path / "eval")
   os.makedirs(wd)
