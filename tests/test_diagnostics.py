@@ -42,11 +42,12 @@ def test_sign_stats_count_exactly():
 
 def _known_model():
   """The tiny stage-2 model with known weights: a zero stem (so the first sign's inputs
-  are exactly its bias: zeros, 0.5 and -2), an all-positive binary conv, latent weights
-  beyond the clip range, and known RPReLU slopes."""
+  are exactly its bias: zeros, 0.5 and -2), a sign whose inputs are all positive, an
+  all-positive binary conv, latent weights beyond the clip range, known RPReLU slopes."""
   model = models.build(tiny_spec(), seed=3)
   model.features[0].conv.kernel[...] = jnp.zeros_like(model.features[0].conv.kernel[...])
   model.features[1].act1.bias.bias[...] = jnp.array([0, 0, 0, 0.5, 0.5, 0.5, -2, -2.0])
+  model.features[1].act2.bias.bias[...] = jnp.full((8,), 100.0)  # all inputs positive
   k = np.asarray(model.features[1].pw_down1.kernel[...])
   model.features[1].pw_down1.kernel[...] = jnp.asarray(np.abs(k) + 1e-3)  # all positive
   k = np.array(model.features[1].conv3x3.kernel[...])
@@ -114,6 +115,8 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
   # the first sign sees exactly its bias: 3 zeros, 3 x 0.5, 2 x -2 per token
   assert stats["features.1.act1"] == {"pos_fraction": 3 / 8, "band_fraction": 6 / 8,
                                       "zero_fraction": 3 / 8}
+  assert stats["features.1.act2"] == {"pos_fraction": 1.0, "band_fraction": 0.0,
+                                      "zero_fraction": 0.0}
   for name, x in inputs.items():
     x = np.asarray(x)
     for key, v in {"pos_fraction": np.mean(x > 0), "band_fraction": np.mean(np.abs(x) < 1),
