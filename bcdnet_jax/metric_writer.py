@@ -74,9 +74,20 @@ class MetricWriter:
     f.flush()
 
   def histogram(self, step: int, name: str, values) -> None:
-    if self.active:
-      self._tb.add_histogram(name, np.asarray(values, np.float64).ravel(),
-                             global_step=int(step))
+    """A TensorBoard histogram of the finite `values` (none: nothing written). TensorBoard's
+    own bins end at about 1e20; larger magnitudes (a diverging run) get numpy's bins."""
+    if not self.active:
+      return
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not v.size:
+      return
+    bins = "tensorflow"
+    if np.abs(v).max() >= 1e20:
+      lo, hi = float(v.min()), float(v.max())
+      hi = hi if hi > lo else lo + abs(lo) * 1e-6
+      bins = np.linspace(lo, hi, 31)
+    self._tb.add_histogram(name, v, global_step=int(step), bins=bins)
 
   def flush(self) -> None:
     if self.active:

@@ -244,3 +244,14 @@ def test_diagnostics_leave_training_unchanged_and_are_written(tmp_path, digits_d
   assert "diagnostics/features.1.conv3x3/scale" in tags["histograms"]
   assert "diagnostics/features.1.rprelu1/slope" in tags["histograms"]
   assert not any(t.startswith("diagnostics/") for t in _tb_tags(wd0)["scalars"])
+
+
+def test_histograms_of_a_diverging_run_are_written(tmp_path):
+  from bcdnet_jax import metric_writer
+  w = metric_writer.MetricWriter(str(tmp_path))
+  w.histogram(1, "huge", np.full(8, 1e35))  # beyond TensorBoard's own bins
+  w.histogram(1, "mixed", np.array([-3e36, 1.0, np.inf]))
+  w.histogram(1, "none", [np.nan])  # nothing finite: nothing written
+  w.histogram(1, "plain", [0.25, 0.5])
+  w.close()
+  assert sorted(_tb_tags(str(tmp_path))["histograms"]) == ["huge", "mixed", "plain"]
