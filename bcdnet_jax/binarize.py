@@ -111,25 +111,29 @@ binarize_weight.defvjp(_binarize_weight_fwd, _binarize_weight_bwd)
 
 # --- observing binary activations -------------------------------------------------------------
 
-_RECORDERS: list[list] = []
+_RECORDERS: list[tuple[list, bool]] = []
 
 
 @contextlib.contextmanager
-def record_sign_inputs():
+def record_sign_inputs(with_sites: bool = False):
   """Collects the input of every binary activation's sign computed while active.
 
   Used to count the binary activations that flip between two precisions of the same
-  model (`convert.self_check`); under `jit` the list holds tracers, to be returned.
+  model (`convert.self_check`), and by `bcdnet_jax.diagnostics` (`with_sites=True`: the
+  list holds (module, input) pairs, the module being the `BinaryActivation` that signs);
+  under `jit` the list holds tracers, to be returned.
   """
   rec: list = []
-  _RECORDERS.append(rec)
+  entry = (rec, with_sites)
+  _RECORDERS.append(entry)
   try:
     yield rec
   finally:
-    _RECORDERS.remove(rec)
+    _RECORDERS.remove(entry)
 
 
-def observe_sign_input(x):
-  for rec in _RECORDERS:
-    rec.append(x)
+def observe_sign_input(x, site=None):
+  """Hands `x`, the input of a sign at `site` (its module), to the active recorders."""
+  for rec, with_sites in _RECORDERS:
+    rec.append((site, x) if with_sites else x)
   return x

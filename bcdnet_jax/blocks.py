@@ -74,11 +74,11 @@ class BinaryActivation(nnx.Module):
   def __call__(self, x):
     sign = binarize.get_sign(self.sign)
     if self.dynamic is None:
-      return sign(binarize.observe_sign_input(self.bias(x))), 0.0
+      return sign(binarize.observe_sign_input(self.bias(x), self)), 0.0
     alpha, beta = self.dynamic(x)
     # rounding the threshold's sum to x's type keeps its sign and the sign's saved input narrow
     t = (self.bias(x) + alpha).astype(x.dtype)
-    return sign(binarize.observe_sign_input(t)), beta.astype(x.dtype)
+    return sign(binarize.observe_sign_input(t, self)), beta.astype(x.dtype)
 
 
 class BasicBlock(nnx.Module):

@@ -74,9 +74,20 @@ class MetricWriter:
     f.flush()
 
   def histogram(self, step: int, name: str, values) -> None:
-    if self.active:
-      self._tb.add_histogram(name, np.asarray(values, np.float64).ravel(),
-                             global_step=int(step))
+    """A TensorBoard histogram of the finite `values` (none: nothing written). TensorBoard's
+    own bins end at about 1e20; larger magnitudes (a diverging run) get numpy's bins."""
+    if not self.active:
+      return
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not v.size:
+      return
+    bins = "tensorflow"
+    if np.abs(v).max() >= 1e20:
+      lo, hi = float(v.min()), float(v.max())
+      hi = hi if hi > lo else lo + abs(lo) * 1e-6
+      bins = np.linspace(lo, hi, 31)
+    self._tb.add_histogram(name, v, global_step=int(step), bins=bins)
 
   def flush(self) -> None:
     if self.active:
@@ -100,8 +111,10 @@ def _plain(v):
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The objects of a JSON-lines file, skipping a last line cut by a kill; later lines for
-  a step replace earlier ones (files written before resumes dropped repeated steps)."""
+  """The objects of a JSON-lines file, one per step in step order, skipping a last line cut
+  by a kill. Lines of the same step merge, a later value replacing an earlier one: an
+  evaluation logged at a training step's number joins that step's line, and a step logged
+  again (files written before resumes dropped repeated steps) counts once."""
   by_step = {}
   if not os.path.exists(path):
     return []
@@ -109,7 +122,7 @@ def read_jsonl(path: str) -> list[dict]:
     for line in f:
       try:
         obj = json.loads(line)
-        by_step[int(obj["step"])] = obj
+        by_step.setdefault(int(obj["step"]), {}).update(obj)
       except (ValueError, KeyError, TypeError):
         continue
   return [by_step[s] for s in sorted(by_step)]

@@ -83,10 +83,14 @@ class Runtime:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=self.replicated), tree)
 
-  def jit_train_step(self, train_step):
+  def jit_train_step(self, train_step, diagnostics: bool = False):
+    """The jitted step; `diagnostics`: the step takes the diagnostics input and returns
+    their output as well (`train.make_train_step(..., diagnostics=...)`), replicated."""
+    extra = (self.replicated,) if diagnostics else ()
     return jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding,
-                                             self.replicated),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,),
+                                             self.replicated, *extra),
+                   out_shardings=(self.replicated, self.replicated, *extra),
+                   donate_argnums=(0,),
                    compiler_options=compiler_options())
 
   def jit_eval_step(self, eval_graphdef, mean_rgb=preprocessing.MEAN_RGB,

@@ -91,6 +91,23 @@ def validate_config(config, num_devices: int) -> None:
        f"{models.DTYPE_POLICIES}")
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     need(config[field] >= 0, field, "must be >= 0")
+  validate_diagnostics_config(config, need)
+
+
+def validate_diagnostics_config(config, need) -> None:
+  """The `diagnostics_*` fields (see configs/default.py)."""
+  every = config.get("diagnostics_every_steps", -1)
+  need(isinstance(every, int) and every >= -1, "diagnostics_every_steps",
+       f"must be an integer >= -1 (-1: as log_every_steps, 0: off), got {every!r}")
+  after = config.get("diagnostics_warn_after", 3)
+  need(isinstance(after, int) and after >= 1, "diagnostics_warn_after",
+       f"must be an integer >= 1, got {after!r}")
+  for field, default in (("diagnostics_flip_min", 0.0), ("diagnostics_flip_max", 0.5)):
+    v = config.get(field, default)
+    need(isinstance(v, (int, float)) and 0 <= v <= 1, field, f"must be in [0, 1], got {v!r}")
+  bal = tuple(config.get("diagnostics_sign_balance", (0.05, 0.95)))
+  need(len(bal) == 2 and 0 <= bal[0] < bal[1] <= 1, "diagnostics_sign_balance",
+       f"must be (low, high) with 0 <= low < high <= 1, got {bal!r}")
 
 
 def check_workdir_model(workdir: str, spec: models.ModelSpec) -> None:
@@ -164,19 +181,31 @@ def distillation_loss(student_logits, teacher_logits):
 
 # --- the steps ------------------------------------------------------------------------------
 
-def make_train_step(train_graphdef, tx, config, teacher_graphdef=None):
+def make_train_step(train_graphdef, tx, config, teacher_graphdef=None, diagnostics=None):
   """train_step(state, batch, teacher_state) -> (state, metrics): the released loss,
   (label-smoothed CE on `fc` + KD from the teacher, or CE, on `fc_dist`) / 2, and AdamW.
+
+  With `diagnostics` (a `diagnostics.Layout` of the model) the step is
+  train_step(state, batch, teacher_state, diag) -> (state, metrics, diag_out): `diag` is
+  {"signs": the weight signs of the previous diagnostics step, "due": a bool scalar}, and
+  `diag_out` the binarisation statistics of this step when due
+  (`diagnostics.step_outputs`). The loss, gradients and update are the same computations
+  either way.
   `batch["image"]` is uint8 NHWC, normalised here (`preprocessing.normalize`, ImageNet's
-  mean/std as the recipe's `Normalize`); the teacher sees the same normalised batch."""
+  mean/std as the recipe's `Normalize`); the teacher sees the same normalised batch.
+  """
+  from bcdnet_jax import diagnostics as diag_lib
   smoothing = config.label_smoothing
 
-  def train_step(state, batch, teacher_state):
+  def train_step(state, batch, teacher_state, diag=None):
     images, labels = preprocessing.normalize(batch["image"]), batch["label"]
 
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state["batch_stats"], copy=True)
-      logits, logits_dist = model(images)
+      if diagnostics is not None:
+        (logits, logits_dist), sign_inputs = diag_lib.forward_recording(model, images)
+      else:
+        (logits, logits_dist), sign_inputs = model(images), None
       ce = smoothed_cross_entropy(logits, labels, smoothing)
       if teacher_graphdef is not None:
         teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
@@ -185,10 +214,11 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None):
       else:
         second = smoothed_cross_entropy(logits_dist, labels, smoothing)
       loss = (ce + second) / 2
-      return loss, (nnx.state(model, nnx.BatchStat), logits, logits_dist, ce, second)
+      return loss, (nnx.state(model, nnx.BatchStat), logits, logits_dist, ce, second,
+                    sign_inputs)
 
-    (loss, (batch_stats, logits, logits_dist, ce, second)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
+    (loss, (batch_stats, logits, logits_dist, ce, second, sign_inputs)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state["params"]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates),
                  "batch_stats": batch_stats, "opt_state": opt_state,
@@ -196,7 +226,10 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None):
     metrics = {"loss": loss, "ce": ce, "second_loss": second,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                "accuracy_dist": jnp.mean(jnp.argmax(logits_dist, -1) == labels)}
-    return new_state, metrics
+    if diagnostics is None:
+      return new_state, metrics
+    return new_state, metrics, diag_lib.step_outputs(
+        diagnostics, diag, new_state["params"], grads, sign_inputs)
 
   return train_step
 
@@ -440,7 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     plan.teacher.eval()
     teacher_def, teacher_state = nnx.split(plan.teacher)
     teacher_state = rt.replicate(teacher_state)
-  p_train = rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def))
+  p_train, monitor = _make_p_train(config, rt, plan, train_def, tx, teacher_def, state,
+                                   start_step)
   p_eval = rt.jit_eval_step(eval_def)
   dcfg = _data_config(config)
   order = data.TrainOrder(len(plan.train_source), config.batch_size, config.seed,
@@ -455,11 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return run_evaluation(p_eval, state, plan.eval_source, dcfg, config.eval_batch_size, rt)
 
   writer = metric_writer.MetricWriter(workdir, start_step=start_step,
-                                      active=jax.process_index() == 0)
+                                      active=jax.process_index() == 0,
+                                      jsonl=("metrics", "diagnostics"))
   try:
     state, step, stopped = _train_loop(
         config, rt, plan, state, start_step, p_train, teacher_state, train_iter, manager,
-        writer, schedule, evaluate_now, step_hook)
+        writer, schedule, evaluate_now, step_hook, monitor)
     wait = train_iter.wait_fraction()
     if wait is not None and jax.process_index() == 0:
       log.info("the training steps waited for input %.1f%% of the time after the first",
@@ -485,11 +520,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
+def _make_p_train(config, rt, plan, train_def, tx, teacher_def, state, start_step):
+  """(jitted step `(state, batch, teacher_state) -> (state, metrics)`, the
+  `diagnostics.Monitor` behind it or None when `config.diagnostics_every_steps` is off)."""
+  from bcdnet_jax import diagnostics
+  every = diagnostics.resolve_every(config)
+  if not every:
+    return rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def)), None
+  lay = diagnostics.layout(plan.spec, config.image_size)
+  p_step = rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def, lay),
+                             diagnostics=True)
+  monitor = diagnostics.Monitor(lay, p_step, state["params"], every=every,
+                                start_step=start_step, total=plan.total_steps, config=config)
+  return monitor, monitor
+
+
 def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter, manager,
-                writer, schedule, evaluate_now, step_hook):
+                writer, schedule, evaluate_now, step_hook, monitor=None):
   """Steps until `plan.total_steps` or an agreed stop request: logs (with the ETA after
-  compilation), evaluates and checkpoints on their cadences. Returns (state, step,
-  stopped early)."""
+  compilation), writes the binarisation diagnostics (`monitor`), evaluates and
+  checkpoints on their cadences. Returns (state, step, stopped early)."""
   start_step, total = step, plan.total_steps
   last_time, last_step = time.time(), step
   if jax.process_index() == 0 and step < total:
@@ -510,6 +560,8 @@ def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_ite
       if due(step, config.log_every_steps) or (is_last and config.log_every_steps):
         last_time, last_step = _log_progress(config, writer, metrics, schedule, step, total,
                                              last_time, last_step, manager)
+      if monitor is not None and monitor.due(step):
+        monitor.write(step, writer)
       if due(step, config.eval_every_steps) and not is_last:
         r = evaluate_now(state)
         writer.scalars(step, {"eval_top1": r["top1"], "eval_top5": r["top5"]})
@@ -728,4 +780,18 @@ def _run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "results.json"), final)
     fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    write_report(workdir)
   return final
+
+
+def write_report(workdir: str) -> str | None:
+  """`bcdnet-report`'s plots and page of `workdir` in workdir/report; a report that
+  cannot be made is a warning, not a failed run (the training results are written)."""
+  from bcdnet_jax import report
+  try:
+    index = report.build(workdir)
+  except Exception as e:  # noqa: BLE001 - plotting must not fail a finished training
+    log.warning("report of %s not written: %s", workdir, e)
+    return None
+  log.info("report: %s", index)
+  return index

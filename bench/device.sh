@@ -85,6 +85,7 @@ row 300 train_step.py "train torch bf16+channels_last+compile b$B" --framework t
 row 150 train_step.py "train jax bf16 policy b$B" --framework jax --policy bfloat16 --precision auto
 row 120 train_step.py "train jax float32 (true fp32 products) b$B" --framework jax --policy float32 --precision float32
 row 120 train_step.py "train jax tf32 (default products) b$B" --framework jax --policy tf32 --precision float32
+row 150 train_step.py "train jax bf16 policy + diagnostics every step b$B" --framework jax --policy bfloat16 --precision auto --diagnostics
 row 200 inference.py "infer torch bf16+channels_last+compile b$B" --framework torch --path bf16-compile
 row 100 inference.py "infer jax model bf16 policy b$B" --framework jax --path bfloat16 --policy bfloat16
 row 100 inference.py "infer jax deploy-int8 b$B" --framework jax --path deploy-int8

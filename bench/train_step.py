@@ -11,6 +11,8 @@ of timed repeats.
   python bench/train_step.py --framework jax --policy bfloat16 --batch 256 --json
   python bench/train_step.py --framework torch --precision bf16 --compile --batch 256 --json
   python bench/train_step.py --compare      # all configurations, a table with ratios
+  python bench/train_step.py --framework jax --diagnostics --json   # with binarisation
+      # diagnostics (bcdnet_jax/diagnostics.py) computed at every step: their overhead
 
 The PyTorch rows: fp32 eager is the released recipe; bf16 autocast + channels_last +
 `torch.compile` (+ fused AdamW on CUDA) is what a PyTorch user tuning for speed runs, and
@@ -46,6 +48,11 @@ def parse(argv=None):
                  help="torch: torch.compile the student and teacher (and fused AdamW on CUDA)")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=False,
                  help="include the ResNet-50 teacher's forward (KD loss)")
+  p.add_argument("--diagnostics", action="store_true",
+                 help="jax: the training step with binarisation diagnostics (train.py's "
+                      "diagnostics_every_steps), computed every --diagnostics_every steps")
+  p.add_argument("--diagnostics_every", type=int, default=1,
+                 help="jax: steps between diagnostics (1: every step, the upper bound)")
   p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--repeats", type=int, default=10)
@@ -78,7 +85,11 @@ def jax_setup(a):
                                   dtype_policy=a.policy)
     teacher.eval()
     teacher_def, teacher_state = nnx.split(teacher)
-  step_fn = train.make_train_step(train_def, tx, cfg, teacher_def)
+  lay = None
+  if getattr(a, "diagnostics", False):
+    from bcdnet_jax import diagnostics
+    lay = diagnostics.layout(spec, a.image_size)
+  step_fn = train.make_train_step(train_def, tx, cfg, teacher_def, lay)
   step = jax.jit(step_fn, donate_argnums=0, compiler_options=runtime.compiler_options())
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jax.numpy.zeros((), jax.numpy.int32)}
@@ -88,10 +99,22 @@ def jax_setup(a):
       "image": rng.integers(0, 256, (a.batch, a.image_size, a.image_size, 3), np.uint8),
       "label": rng.integers(0, a.num_classes, a.batch).astype(np.int32)})
   holder = [state]
+  if lay is not None:
+    init_signs = jax.jit(lambda p: diagnostics.init_signs(lay, p))
+    holder += [init_signs(params), 0]
 
   def run():
-    holder[0], metrics = step(holder[0], batch, teacher_state)
-    jax.block_until_ready(metrics["loss"])
+    if lay is None:
+      holder[0], metrics = step(holder[0], batch, teacher_state)
+      jax.block_until_ready(metrics["loss"])
+      return
+    holder[2] += 1
+    due = jax.numpy.asarray(holder[2] % max(a.diagnostics_every, 1) == 0)
+    holder[0], metrics, out = step(holder[0], batch, teacher_state,
+                                   {"signs": holder[1], "due": due})
+    if due:  # as diagnostics.Monitor does
+      holder[1] = init_signs(holder[0]["params"])
+    jax.block_until_ready((metrics["loss"], out["stats"], holder[1]))
 
   return run, step, holder, batch, teacher_state, spec
 
@@ -105,7 +128,8 @@ def jax_step(a):
   times = common.time_calls(run, warmup=a.warmup, repeats=a.repeats, min_time_s=a.min_time_s)
   extra = {"framework": "jax", "path": models.resolve_compute_dtype(spec.compute_dtype),
            "dtype_policy": models.resolve_dtype_policy(spec.dtype_policy),
-           "device": str(jax.devices()[0].device_kind)}
+           "device": str(jax.devices()[0].device_kind),
+           "diagnostics_every": a.diagnostics_every if a.diagnostics else 0}
   extra.update(_jax_peak_device_mb())
   return times, extra
 

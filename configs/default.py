@@ -71,4 +71,14 @@ def get_config():
   c.eval_every_steps = 0  # 0: only at the end
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
+  # Binarisation diagnostics (bcdnet_jax/diagnostics.py): per-layer flip ratios, clipped
+  # weights, sign balance, scales, RPReLU slopes, gradient norms in TensorBoard and
+  # diagnostics.jsonl. Steps between them: -1 = every log step, 0 = off, N = every N steps.
+  c.diagnostics_every_steps = -1
+  # Warn when a layer's flip ratio is <= flip_min (frozen) or > flip_max (churning) for
+  # warn_after diagnostics steps in a row, or its fraction of +1 leaves sign_balance.
+  c.diagnostics_warn_after = 3
+  c.diagnostics_flip_min = 0.0
+  c.diagnostics_flip_max = 0.5
+  c.diagnostics_sign_balance = (0.05, 0.95)
   return c
