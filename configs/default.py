@@ -41,6 +41,7 @@ def get_config():
   # global batch (results independent of the process count); "per_process": each process
   # reads only its own part of the split (less I/O on many hosts).
   c.data_sharding = "global_stream"
+  c.data_workers = 0  # input pipeline worker processes (0: automatic)
 
   # Global batch. The learning rate below is for `base_batch_size` and scales linearly.
   c.batch_size = 256

@@ -22,6 +22,7 @@ def small_config(data_dir, *, tiny=True, **kw):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 3
   c.shuffle_buffer = 256
+  c.teacher_dir = c.init_from = "none"  # tests opt out of the recipe's teacher and stage 1
   for k, v in kw.items():
     c[k] = v
   return c
