@@ -111,11 +111,12 @@ def main(argv=None) -> int:
     config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
                                "--crop_ratio"), recorded_allowed=True)
     model = export.load_packed(a.model)
+    recorded = model.header.get("preprocess") or preprocessing.DEFAULT
+    config.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
+                            a.image_size or recorded["image_size"], "--image_size"
+                            if a.image_size else f"the image size recorded in {a.model}")
     pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,
                                 crop_ratio=a.crop_ratio, where=a.model)
-    config.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
-                            pre["image_size"], "--image_size" if a.image_size else
-                            f"the image size recorded in {a.model}")
     warn_small_images(a.images, pre["image_size"])
     images = load_images(a.images, pre)
     top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))

@@ -90,7 +90,8 @@ def test_recipe_configs_require_the_teacher_and_stage2_its_start(tmp_path):
         e.value)
   c = stage2.get_config()
   c.teacher_dir = "ckpt/resnet50"
-  with pytest.raises(config_lib.ConfigError, match="config.init_from: stage 2 .*--config.init_from=none"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.init_from: stage 2 .*--config.init_from=none"):
     config_lib.validate(c)
   c.init_from = "runs/stage1"
   config_lib.validate(c)
