@@ -35,14 +35,15 @@ def pipeline_config(data_dir, **kw):
 @pytest.mark.slow
 def test_pipeline_resumes_after_a_kill_mid_stage2_and_evaluates_the_sets(tmp_path, digits_dir):
   wd = str(tmp_path / "run")
-  # killed during stage 2's third step (steps 1-4 of stage 1 came before)
+  # killed in stage 2's last step, after steps 1-3 were logged and step 2 saved (steps 1-4
+  # of stage 1 came before)
   script = (
       "import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
       "from test_recipe import pipeline_config; from bcdnet_jax import train\n"
       "calls = []\n"
       "def hook(step):\n"
       "  calls.append(step)\n"
-      "  if len(calls) == 7: os.kill(os.getpid(), signal.SIGKILL)\n"
+      "  if len(calls) == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
       "train.train_and_evaluate(pipeline_config(%r), sys.argv[1], step_hook=hook)\n"
       % (ROOT, TESTS, digits_dir))
   proc = subprocess.run([sys.executable, "-c", script, wd], capture_output=True, text=True,
@@ -70,6 +71,8 @@ def test_pipeline_resumes_after_a_kill_mid_stage2_and_evaluates_the_sets(tmp_pat
   assert "s1 finished at step 4 earlier: its results.json is kept" in err, err[-3000:]
   assert "s2/checkpoints at step 2" in err
   assert open(os.path.join(wd, "s1", "results.json"), "rb").read() == stage1_results
+  rows = [json.loads(line) for line in open(os.path.join(wd, "s2", "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # step 3 logged once
   # nothing that looks like a failure on a clean run
   for noise in ("E0000", "oneDNN", "read_only", "read only", "Traceback", "\x1b[", "\r"):
     assert noise not in err, (noise, err[-3000:])
@@ -195,3 +198,19 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path, digits_dir):
     train.train_and_evaluate(cfg, str(tmp_path / "nan"))
   assert "no checkpoint had been saved yet" in str(e.value)
   assert "None" not in str(e.value)
+
+
+def test_metrics_jsonl_holds_each_step_once_after_a_resume(tmp_path):
+  from bcdnet_jax import metric_writer
+  w = metric_writer.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    w.scalars(step, {"loss": float(step)})
+  w.close()
+  # resumed from the checkpoint of step 3: steps 4 and 5 are trained and logged again
+  w = metric_writer.MetricWriter(str(tmp_path), start_step=3)
+  for step in (4, 5):
+    w.scalars(step, {"loss": 10.0 + step})
+  w.close()
+  rows = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 14.0, 15.0]

@@ -132,9 +132,12 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert all("images_per_s" in r and "learning_rate" in r for r in rows if "loss" in r)
-  # running again finds the finished run and only evaluates
+  # running again finds the finished run: nothing trained or evaluated, results.json (its
+  # wall_time_s of the run that trained) unchanged
+  written = open(os.path.join(wd, "results.json"), "rb").read()
   again = train.train_and_evaluate(small_config(digits_dir), wd)
   assert again["steps"] == 6 and again["top1"] == res["top1"]
+  assert open(os.path.join(wd, "results.json"), "rb").read() == written
   # evaluation mode on the workdir gives the same numbers
   c = small_config(digits_dir, mode="eval", checkpoint=wd)
   ev = train.evaluate(c, str(tmp_path / "eval"))
