@@ -175,7 +175,7 @@ def check_fields(config) -> None:
 def validate(config, num_devices: int = 1) -> None:
   """The table, then the rules between fields of a run of `config.mode`."""
   check_fields(config)
-  if config.batch_size % num_devices:
+  if config.mode == "train" and config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by the "
                       f"{num_devices} devices")
   if config.eval_batch_size % num_devices:
