@@ -361,6 +361,9 @@ def save_checkpoint(manager, state, step: int, spec: models.ModelSpec) -> None:
   _check_finite(state, step, manager)
   model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
                                      nnx.to_pure_dict(state["batch_stats"]))
+  held = _HoldErrors()  # orbax logs each failed writer thread with its traceback
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(held)
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
@@ -370,11 +373,15 @@ def save_checkpoint(manager, state, step: int, spec: models.ModelSpec) -> None:
   except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of its writer threads
     full = _disk_full(e)
     if full is None:
+      held.release(absl_log)  # not ours to summarise: everything orbax said, then the error
       raise
     raise SaveError(f"disk full while saving checkpoint {step} in {manager.directory} "
                     f"({full}); nothing was lost: {_kept(manager)} and the unfinished "
                     "save is not used; free space and run the same command to resume "
                     "from it") from None
+  finally:
+    absl_log.removeFilter(held)
+  held.release(absl_log)
   if jax.process_index() == 0:
     checkpoint.record_step_digests(str(manager.directory), step)
 
@@ -383,13 +390,41 @@ class SaveError(errors.UserError):
   """A checkpoint could not be written for lack of space; earlier ones are intact."""
 
 
+class _HoldErrors:
+  """A logging filter that holds back ERROR records (orbax's writer threads report each
+  failure with a traceback) until `release` re-emits them; a disk-full save drops them and
+  says it in one line instead."""
+
+  def __init__(self):
+    self.records = []
+
+  def filter(self, record) -> bool:
+    if record.levelno >= logging.ERROR:
+      self.records.append(record)
+      return False
+    return True
+
+  def release(self, logger) -> None:
+    records, self.records = self.records, []
+    logger.removeFilter(self)
+    for record in records:
+      logger.handle(record)
+
+
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
 def _disk_full(e: BaseException) -> str | None:
-  """The 'No space left' / quota OSError in `e`'s chain of causes, as text, else None."""
+  """'No space left on device' (or the quota's) when `e` or its causes say so, else None:
+  an OSError, or tensorstore's RESOURCE_EXHAUSTED text that orbax raises as ValueError."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-      return os.strerror(e.errno)
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      return _DISK_FULL[e.errno]
+    for code, text in _DISK_FULL.items():
+      if text in str(e) or f"os_error_code='{code}'" in str(e):
+        return text
     e = e.__cause__ or e.__context__
   return None
 

@@ -158,24 +158,52 @@ def test_predict_shares_the_checks_and_warns_on_tiny_images(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_and_loses_nothing(tmp_path, digits_dir,
-                                                             monkeypatch):
+                                                             monkeypatch, caplog):
+  from absl import logging as absl_logging
   wd = str(tmp_path / "run")
   cfg = small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
   real_save = ocp.CheckpointManager.save
 
   def save(self, step, *a, **k):
     if step == 4:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      # as orbax does: each failed writer thread logged with its traceback, then the error
+      # raised (tensorstore's text, as a real full disk gave it, caused by the OSError)
+      try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      except OSError as cause:
+        absl_logging.error("_SignalingThread.run() raised an exception", exc_info=True)
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: Failed to write "
+                         "76858 bytes to file 8: No space left on device "
+                         "[os_error_code='28']") from cause
     return real_save(self, step, *a, **k)
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  with pytest.raises(train.SaveError) as e:
+  with caplog.at_level("INFO"), pytest.raises(train.SaveError) as e:
     train.train_and_evaluate(cfg, wd)
+  assert not [r for r in caplog.records if r.levelname == "ERROR"]  # held back, summarised
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("disk full while saving checkpoint 4")
   assert "nothing was lost: the last good checkpoint (step 2) is kept" in msg
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
   assert train.train_and_evaluate(cfg, wd)["steps"] == 4  # space freed: it resumes
+
+
+def test_disk_full_is_recognised_in_orbax_errors_and_nothing_else():
+  assert train._disk_full(OSError(errno.ENOSPC, "x")) == "No space left on device"
+  assert train._disk_full(OSError(errno.EDQUOT, "x")) == "Disk quota exceeded"
+  wrapped = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/4.orbax-checkpoint-"
+                       "tmp/_sharding\": Failed to write 76858 bytes to file 8: No space "
+                       "left on device [os_error_code='28']")
+  assert train._disk_full(wrapped) == "No space left on device"
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "full")
+    except OSError as cause:
+      raise RuntimeError("commit failed") from cause
+  except RuntimeError as e:
+    assert train._disk_full(e) == "No space left on device"
+  assert train._disk_full(OSError(errno.EACCES, "denied")) is None
+  assert train._disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
 
 
 @pytest.mark.slow
