@@ -576,7 +576,8 @@ def _log_progress(config, writer, metrics, schedule, step, total, last_time, las
   """One progress line and its scalars; a non-finite loss stops the run."""
   m = jax.device_get(metrics)
   if not all(np.isfinite(v) for v in m.values()):
-    raise TrainingDiverged(f"non-finite loss at step {step}: {m}; {_kept(manager)}")
+    shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(m.items()))
+    raise TrainingDiverged(f"non-finite loss at step {step} ({shown}); {_kept(manager)}")
   now = time.time()
   rate = (step - last_step) / max(now - last_time, 1e-9)
   eta = (total - step) / rate if rate > 0 else float("nan")
