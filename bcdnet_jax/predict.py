@@ -103,10 +103,10 @@ def main(argv=None) -> int:
   p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
   p.add_argument("images", nargs="+")
   a = p.parse_args(argv)
+  if a.top < 1:
+    p.error(f"--top must be 1 or more, got {a.top}")
   from bcdnet_jax import config, export, models, preprocessing
   try:
-    if a.top < 1:
-      raise config.ConfigError(f"--top: must be 1 or more, got {a.top}")
     # the rules of training and evaluation, before the model is loaded or compiled
     config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
                                "--crop_ratio"), recorded_allowed=True)

@@ -145,8 +145,7 @@ def test_predict_shares_the_checks_and_warns_on_tiny_images(tmp_path, capsys):
   Image.fromarray(np.full((224, 300, 3), 90, np.uint8)).save(big)
   for args, needle in ((["--image_size", "30"], "error: --image_size: 30 px images do not "
                         "fit the strides"),
-                       (["--crop_ratio", "2"], "error: --crop_ratio: must be in (0, 1]"),
-                       (["--top", "0"], "error: --top: must be 1 or more")):
+                       (["--crop_ratio", "2"], "error: --crop_ratio: must be in (0, 1]")):
     assert predict.main(["--model", art, *args, str(img)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(needle), err
