@@ -276,3 +276,28 @@ def check_workdir(workdir: str, name: str = "--workdir") -> None:
            errno.ENOSPC: "no space left"}.get(e.errno, e.strerror or str(e))
     raise ConfigError(f"{name}={workdir}: cannot write in {probe} ({why}); nothing "
                       "done") from None
+
+
+def environment() -> dict:
+  """The versions and hardware a result was measured with (results.json): numbers of
+  binary networks move with the compiler's float rounding, so they travel together."""
+  import importlib.metadata
+  import platform
+
+  import jax
+  out = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow",
+              "tensorflow-cpu", "grain"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  out["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  try:
+    with open("/proc/cpuinfo") as f:
+      out["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+  except (OSError, StopIteration):
+    out["cpu"] = platform.processor() or platform.machine()
+  out["cpu_count"] = os.cpu_count()
+  return out

@@ -489,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "num_eval_examples": eval_result["num_eval_examples"], "steps": step,
              "wall_time_s": time.time() - start_time, "model": config.model.name,
              "stage": config.model.stage, "dataset": config.dataset,
-             "eval_split": config.eval_split}
+             "eval_split": config.eval_split, "environment": config_lib.environment()}
   if config.eval_datasets:
     results.update(_evaluate_sets(config, workdir, workdir))
   if jax.process_index() == 0:

@@ -79,6 +79,9 @@ def test_pipeline_resumes_after_a_kill_mid_stage2_and_evaluates_the_sets(tmp_pat
   final = json.load(open(os.path.join(wd, "results.json")))
   s2 = json.load(open(os.path.join(wd, "s2", "results.json")))
   assert final["steps"] == 4 and final["stage"] == 2 and final["top1"] == s2["top1"]
+  import jax
+  assert final["environment"]["jax"] == jax.__version__  # what the numbers were measured with
+  assert final["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
   assert list(final["datasets"]) == ["digits:test"]
   assert final["datasets"]["digits:test"]["top1"] == s2["top1"]  # same model, same split
   assert final["wall_time_s"] == pytest.approx(
