@@ -5,12 +5,18 @@ elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 Known mistakes (config, data, checkpoints) end with one line `error: ...` and exit code 2.
 """
 
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if not sys.stderr.isatty():
+  # progress bars (TFDS preparing a data set) write carriage returns and cursor escapes:
+  # in a redirected log they are noise; on a terminal they stay
+  os.environ.setdefault("TQDM_DISABLE", "1")
 
-from bcdnet_jax import distributed, errors, train
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bcdnet_jax import distributed, errors, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -30,11 +36,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   train.setup_logging()
   with errors.one_line():
-    distributed.initialize(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-        [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None,
-        heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
-    train.run(FLAGS.config, FLAGS.workdir, cli_overrides=errors.config_overrides(sys.argv))
+    try:
+      distributed.initialize(
+          FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+          [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None,
+          heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+      train.run(FLAGS.config, FLAGS.workdir, cli_overrides=errors.config_overrides(sys.argv))
+    except KeyboardInterrupt:
+      # Ctrl-C inside the training loop saves and exits 0 (train._Preemption); here it came
+      # before the loop (checks, compilation), during an evaluation, or as a second Ctrl-C
+      print("interrupted: nothing of this run was written since its last checkpoint; "
+            "resume by running the same command", file=sys.stderr)
+      sys.exit(130)
 
 
 if __name__ == "__main__":

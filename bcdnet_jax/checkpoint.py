@@ -223,12 +223,32 @@ def restore_intact(manager, restore_step, log=None):
   return None
 
 
+class _DropMessage:
+  """A logging filter that drops the records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    self.prefix = prefix
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self.prefix)
+
+
 def _restore_from_training(path, target):
   """Params and BN statistics (the 'model' item) of a training workdir's newest intact
   step."""
   import logging
-  manager = ocp.CheckpointManager(path, item_names=("state", "model", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  # read_only with the options it would otherwise reset (and warn about) already off; its
+  # "Given directory is read only" line is dropped: reading is all we asked for
+  absl_log = logging.getLogger("absl")
+  quiet = _DropMessage("Given directory is read only")
+  absl_log.addFilter(quiet)
+  try:
+    manager = ocp.CheckpointManager(path, item_names=("state", "model", "meta"),
+                                    options=ocp.CheckpointManagerOptions(
+                                        read_only=True, save_interval_steps=0, create=False,
+                                        max_to_keep=None))
+  finally:
+    absl_log.removeFilter(quiet)
   try:
     found = restore_intact(manager, lambda step: manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(target)))["model"], logging.getLogger("bcdnet_jax"))

@@ -33,8 +33,9 @@ def one_line():
 
 
 def parse_flags(argv):
-  """absl flag parsing where a bad --config (missing file, unknown field such as
-  --config.bach_size, a value of the wrong type) is one line, not a traceback."""
+  """absl flag parsing where a bad --config (missing file, a syntax or name error in it,
+  unknown field such as --config.bach_size, a value of the wrong type) is one line, not a
+  traceback."""
   from absl import flags
   try:
     rest = flags.FLAGS(argv)
@@ -42,7 +43,13 @@ def parse_flags(argv):
       # A config file that failed to load is an object that raises on first use
       getattr(flags.FLAGS.config, "mode", None)
     return rest
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+  except SyntaxError as e:  # the config file itself (a 50-line traceback otherwise)
+    where = f"{e.filename}, line {e.lineno}" if e.filename else "the config file"
+    code = f": {e.text.strip()}" if e.text else ""
+    print(f"error: {where}: {e.msg}{code}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+          NameError, ImportError) as e:
     text = " ".join(str(e).replace(chr(92) + "n", " ").split())
     print(f"error: {text}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)

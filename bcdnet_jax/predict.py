@@ -63,6 +63,25 @@ def load_images(paths: list[str], pre: dict) -> np.ndarray:
   return preprocessing.normalize(np.stack(out), pre["mean_rgb"], pre["stddev_rgb"])
 
 
+def warn_small_images(paths: list[str], image_size: int) -> list[str]:
+  """One warning line on stderr per image whose shorter side is under a quarter of the
+  model's input size (e.g. 1x1 px for 224 px): its prediction says little. Files PIL cannot
+  open are left to the decoder's error. Returns the warnings."""
+  from PIL import Image
+  out = []
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        w, h = im.size
+    except Exception:  # noqa: BLE001 - not an image, or unreadable: load_images names it
+      continue
+    if 4 * min(w, h) < image_size:
+      out.append(f"warning: {path} is {w}x{h} px, far below the model's {image_size} px "
+                 "input: it is upscaled, and the prediction says little")
+      print(out[-1], file=sys.stderr)
+  return out
+
+
 def predict(model, images: np.ndarray, *, path: str = "packed", k: int = 5):
   """(top-k indices, top-k probabilities) per image."""
   import jax
@@ -86,11 +105,19 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   if a.top < 1:
     p.error(f"--top must be 1 or more, got {a.top}")
-  from bcdnet_jax import export, preprocessing
+  from bcdnet_jax import config, export, models, preprocessing
   try:
+    # the rules of training and evaluation, before the model is loaded or compiled
+    config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
+                               "--crop_ratio"), recorded_allowed=True)
     model = export.load_packed(a.model)
+    recorded = model.header.get("preprocess") or preprocessing.DEFAULT
+    config.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
+                            a.image_size or recorded["image_size"], "--image_size"
+                            if a.image_size else f"the image size recorded in {a.model}")
     pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,
                                 crop_ratio=a.crop_ratio, where=a.model)
+    warn_small_images(a.images, pre["image_size"])
     images = load_images(a.images, pre)
     top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
     if not np.all(np.isfinite(probs)):

@@ -10,6 +10,8 @@ is configured.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import logging
 import math
 import os
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from bcdnet_jax import checkpoint, errors, fileio, metric_writer, models, preprocessing, runtime
+from bcdnet_jax import config as config_lib
 
 # `bcdnet_jax.data` (Grain, PIL, TFDS data sources; no TensorFlow) is imported inside the
 # functions that build pipelines, so the steps, losses and optimiser import only JAX.
@@ -43,72 +46,15 @@ def setup_logging(level=logging.INFO):
   log.propagate = False
 
 
-class ConfigError(errors.UserError):
-  """An invalid configuration, reported before anything is compiled or written."""
-
-
-MODES = ("train", "eval")
+ConfigError = config_lib.ConfigError  # the error type of every config check
+MODES = config_lib.MODES
 
 
 class TrainingDiverged(errors.UserError, RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-# --- configuration --------------------------------------------------------------------------
-
-def validate_config(config, num_devices: int) -> None:
-  """Checks the fields a run depends on, naming the offending `config.<field>`."""
-  def need(ok, field, msg):
-    if not ok:
-      raise ConfigError(f"config.{field}: {msg}")
-
-  need(isinstance(config.batch_size, int) and config.batch_size > 0, "batch_size",
-       f"must be a positive integer, got {config.batch_size!r}")
-  need(config.batch_size % num_devices == 0, "batch_size",
-       f"{config.batch_size} is not divisible by the {num_devices} devices")
-  need(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
-       "eval_batch_size", f"{config.eval_batch_size} must be positive and divisible by "
-       f"the {num_devices} devices")
-  need(config.model.name in models.PRESETS, "model.name",
-       f"unknown model {config.model.name!r}; expected one of {sorted(models.PRESETS)}")
-  need(config.model.stage in (1, 2), "model.stage", f"must be 1 or 2, got {config.model.stage}")
-  need(config.num_train_steps > 0 or config.num_epochs > 0, "num_train_steps",
-       "set num_train_steps > 0 or num_epochs > 0")
-  need(config.learning_rate > 0, "learning_rate", "must be positive")
-  need(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-  need(config.image_size > 0, "image_size", "must be positive")
-  need(0 < config.eval_crop_ratio <= 1, "eval_crop_ratio",
-       f"must be in (0, 1] (224/256 resizes to 256 and crops 224), got "
-       f"{config.eval_crop_ratio!r}")
-  need(isinstance(config.data_workers, int) and config.data_workers >= 0, "data_workers",
-       f"must be an integer >= 0 (0: all cores of the process but one), got "
-       f"{config.data_workers!r}")
-  need(config.model.compute_dtype in models.COMPUTE_DTYPES,
-       "model.compute_dtype", f"{config.model.compute_dtype!r} is not one of "
-       f"{models.COMPUTE_DTYPES}")
-  need(config.model.dtype_policy in models.DTYPE_POLICIES,
-       "model.dtype_policy", f"{config.model.dtype_policy!r} is not one of "
-       f"{models.DTYPE_POLICIES}")
-  for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
-    need(config[field] >= 0, field, "must be >= 0")
-  validate_diagnostics_config(config, need)
-
-
-def validate_diagnostics_config(config, need) -> None:
-  """The `diagnostics_*` fields (see configs/default.py)."""
-  every = config.get("diagnostics_every_steps", -1)
-  need(isinstance(every, int) and every >= -1, "diagnostics_every_steps",
-       f"must be an integer >= -1 (-1: as log_every_steps, 0: off), got {every!r}")
-  after = config.get("diagnostics_warn_after", 3)
-  need(isinstance(after, int) and after >= 1, "diagnostics_warn_after",
-       f"must be an integer >= 1, got {after!r}")
-  for field, default in (("diagnostics_flip_min", 0.0), ("diagnostics_flip_max", 0.5)):
-    v = config.get(field, default)
-    need(isinstance(v, (int, float)) and 0 <= v <= 1, field, f"must be in [0, 1], got {v!r}")
-  bal = tuple(config.get("diagnostics_sign_balance", (0.05, 0.95)))
-  need(len(bal) == 2 and 0 <= bal[0] < bal[1] <= 1, "diagnostics_sign_balance",
-       f"must be (low, high) with 0 <= low < high <= 1, got {bal!r}")
-
+# --- configuration (the checks of every field: bcdnet_jax/config.py) -------------------
 
 def check_workdir_model(workdir: str, spec: models.ModelSpec) -> None:
   """Refuses to resume a workdir that holds a run of another model, before anything in it
@@ -126,20 +72,6 @@ def check_workdir_model(workdir: str, spec: models.ModelSpec) -> None:
                       for k in differ[:4])
     raise ConfigError(f"workdir {workdir} holds a run of another model ({shown}); use a new "
                       "--workdir, or the same model to resume")
-
-
-def check_image_size(spec: models.ModelSpec, image_size: int) -> None:
-  """Fails before any work when the model's strides cannot take `image_size` images."""
-  model = models.abstract_model(spec)
-  model.eval()
-  try:
-    nnx.eval_shape(lambda m, x: m(x), model,
-                   jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
-                                        jnp.float32))
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.image_size: {image_size} px images do not fit the strides of "
-                      f"{spec.family} {list(models.block_strides(spec))}: "
-                      f"{str(e).splitlines()[0][:200]}") from None
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
@@ -263,14 +195,15 @@ def load_init_from(path: str, spec: models.ModelSpec):
 # --- the loop -------------------------------------------------------------------------------
 
 class _Preemption:
-  """SIGTERM / SIGUSR1 (SLURM's --signal) request a checkpoint and a clean exit (code 0)."""
+  """SIGTERM / SIGUSR1 (SLURM's --signal) and SIGINT (Ctrl-C) request a checkpoint and a
+  clean exit (code 0); a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread
@@ -278,7 +211,11 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    log.warning("received signal %d: checkpointing and exiting", signum)
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    log.warning("received %s: checkpointing and exiting after this step%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else "")
     self.requested = True
 
   def agreed(self) -> bool:
@@ -331,10 +268,8 @@ def _model_spec(config, num_classes):
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         cli_overrides: set[str] | frozenset = frozenset()) -> dict:
   """main.py's entry point: `config.mode` 'train' (train, then evaluate) or 'eval'."""
-  mode = config.mode
-  if mode not in MODES:
-    raise ConfigError(f"config.mode: {mode!r} is not one of {MODES}")
-  if mode == "eval":
+  config_lib.check_fields(config)  # config.mode among them
+  if config.mode == "eval":
     return evaluate(config, workdir)
   return train_and_evaluate(config, workdir, cli_overrides=cli_overrides)
 
@@ -353,7 +288,8 @@ class _Plan:
 def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
   """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   from bcdnet_jax import data
-  validate_config(config, rt.size)
+  config_lib.validate(config, rt.size)
+  config_lib.check_workdir(workdir)
   data_dir = config.data_dir or None
   train_source = data.open_source(config.dataset, config.train_split, data_dir)
   eval_source = data.open_source(config.dataset, config.eval_split, data_dir)
@@ -362,7 +298,7 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
                       "class per image; train on imagenet2012 and evaluate on it")
   num_classes = resolve_num_classes(config, train_source)
   spec = _model_spec(config, num_classes)
-  check_image_size(spec, config.image_size)
+  config_lib.check_image_size(spec, config.image_size)
   check_workdir_model(workdir, spec)
   threads = data.default_workers() + 1
   if config.dataset.startswith("folder:") or config.check_images:
@@ -374,9 +310,9 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   plan = _Plan(train_source, eval_source, spec, total_steps)
-  if config.init_from:
+  if config.init_from and not config_lib.is_none(config.init_from):
     plan.init_params = load_init_from(config.init_from, spec)
-  if config.teacher_dir:
+  if not config_lib.is_none(config.teacher_dir):
     # the teacher computes under the student's policy (its activations dominate the step)
     plan.teacher = models.set_dtype_policy(
         checkpoint.restore_model(config.teacher_dir, rt), plan.spec.dtype_policy)
@@ -390,7 +326,11 @@ def write_run_records(config, workdir: str, spec: models.ModelSpec) -> None:
   """config.json (resolved) and model.json (architecture + evaluation preprocessing)."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    deviations = config_lib.deviations(config)
+    for d in deviations:
+      log.warning("deviation from the released recipe: %s", d)
+    fileio.write_json(os.path.join(workdir, "config.json"),
+                      {**config.to_dict(), "deviations": deviations})
     fileio.write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
                       {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json(),
                        "preprocessing": preprocessing.from_config(config)})
@@ -437,13 +377,72 @@ def save_checkpoint(manager, state, step: int, spec: models.ModelSpec) -> None:
   _check_finite(state, step, manager)
   model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
                                      nnx.to_pure_dict(state["batch_stats"]))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
-      meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
-                              "spec": spec.to_json()})), force=True)
-  manager.wait_until_finished()
+  held = _HoldErrors()  # orbax logs each failed writer thread with its traceback
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(held)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model_item),
+        meta=ocp.args.JsonSave({"step": step, "data_position_batches": step,
+                                "spec": spec.to_json()})), force=True)
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of its writer threads
+    full = _disk_full(e)
+    if full is None:
+      held.release(absl_log)  # not ours to summarise: everything orbax said, then the error
+      raise
+    raise SaveError(f"disk full while saving checkpoint {step} in {manager.directory} "
+                    f"({full}); nothing was lost: {_kept(manager)} and the unfinished "
+                    "save is not used; free space and run the same command to resume "
+                    "from it") from None
+  finally:
+    absl_log.removeFilter(held)
+  held.release(absl_log)
   if jax.process_index() == 0:
     checkpoint.record_step_digests(str(manager.directory), step)
+
+
+class SaveError(errors.UserError):
+  """A checkpoint could not be written for lack of space; earlier ones are intact."""
+
+
+class _HoldErrors:
+  """A logging filter that holds back ERROR records (orbax's writer threads report each
+  failure with a traceback) until `release` re-emits them; a disk-full save drops them and
+  says it in one line instead."""
+
+  def __init__(self):
+    self.records = []
+
+  def filter(self, record) -> bool:
+    if record.levelno >= logging.ERROR:
+      self.records.append(record)
+      return False
+    return True
+
+  def release(self, logger) -> None:
+    records, self.records = self.records, []
+    logger.removeFilter(self)
+    for record in records:
+      logger.handle(record)
+
+
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _disk_full(e: BaseException) -> str | None:
+  """'No space left on device' (or the quota's) when `e` or its causes say so, else None:
+  an OSError, or tensorstore's RESOURCE_EXHAUSTED text that orbax raises as ValueError."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      return _DISK_FULL[e.errno]
+    for code, text in _DISK_FULL.items():
+      if text in str(e) or f"os_error_code='{code}'" in str(e):
+        return text
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def due(step: int, every: int) -> bool:
@@ -468,6 +467,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state, tx, schedule, train_def, eval_def = create_train_state(config, plan)
   manager = open_checkpoints(config, workdir)
   state, start_step = restore_or_start(manager, state, rt, workdir)
+  if start_step >= plan.total_steps and not return_params:
+    done = _finished_results(config, workdir, start_step)
+    if done is not None:  # a rerun of a finished run: nothing to train or rewrite
+      manager.close()
+      return done
   teacher_def = teacher_state = None
   if plan.teacher is not None:
     plan.teacher.eval()
@@ -510,7 +514,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "num_eval_examples": eval_result["num_eval_examples"], "steps": step,
              "wall_time_s": time.time() - start_time, "model": config.model.name,
              "stage": config.model.stage, "dataset": config.dataset,
-             "eval_split": config.eval_split, "input_wait_fraction": wait}
+             "eval_split": config.eval_split, "input_wait_fraction": wait,
+             "environment": config_lib.environment()}
+  if config.eval_datasets:
+    results.update(_evaluate_sets(config, workdir, workdir))
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "results.json"), results)
     log.info("final: top-1 %.4f top-5 %.4f on %d examples", results["top1"],
@@ -533,6 +540,38 @@ def _make_p_train(config, rt, plan, train_def, tx, teacher_def, state, start_ste
   monitor = diagnostics.Monitor(lay, p_step, state["params"], every=every,
                                 start_step=start_step, total=plan.total_steps, config=config)
   return monitor, monitor
+
+
+def _finished_results(config, workdir: str, step: int) -> dict | None:
+  """The results.json of a run that finished at `step` with this data set and split, or
+  None (then the run evaluates again)."""
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return None
+  same = {"steps": step, "dataset": config.dataset, "eval_split": config.eval_split,
+          "model": config.model.name, "stage": config.model.stage}
+  if any(done.get(k) != v for k, v in same.items()):
+    return None
+  if config.eval_datasets and "datasets" not in done:
+    return None
+  if jax.process_index() == 0:
+    log.info("%s finished at step %d earlier: its results.json is kept (top-1 %.4f); "
+             "evaluate again with configs/eval.py", workdir, step, done["top1"])
+  return done
+
+
+def _evaluate_sets(config, model_dir: str, workdir: str) -> dict:
+  """Evaluation mode on `config.eval_datasets` of the model in `model_dir`, written to
+  `workdir/eval/`; returns {"datasets": ..., "eval_wall_time_s": ...} for results.json."""
+  ev = config.copy_and_resolve_references()
+  with ev.unlocked():
+    ev.mode, ev.checkpoint, ev.pipeline = "eval", model_dir, ml_collections.ConfigDict()
+    ev.image_size, ev.eval_crop_ratio = 0, 0.0  # the preprocessing recorded with the model
+  r = evaluate(ev, os.path.join(workdir, "eval"))
+  return {"datasets": r["datasets"], "eval_wall_time_s": r["wall_time_s"]}
 
 
 def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter, manager,
@@ -569,7 +608,8 @@ def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_ite
       if due(step, config.checkpoint_every_steps) or is_last or stop:
         save_checkpoint(manager, state, step, plan.spec)
       if stop and not is_last:
-        log.warning("preempted at step %d; resume by running the same command", step)
+        log.warning("stopped at step %d (checkpoint saved); resume by running the same "
+                    "command", step)
         return state, step, True
   return state, step, False
 
@@ -579,9 +619,8 @@ def _log_progress(config, writer, metrics, schedule, step, total, last_time, las
   """One progress line and its scalars; a non-finite loss stops the run."""
   m = jax.device_get(metrics)
   if not all(np.isfinite(v) for v in m.values()):
-    raise TrainingDiverged(
-        f"non-finite loss at step {step}: {m}; the last good checkpoint "
-        f"(step {manager.latest_step()}) is kept in {manager.directory}")
+    shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(m.items()))
+    raise TrainingDiverged(f"non-finite loss at step {step} ({shown}); {_kept(manager)}")
   now = time.time()
   rate = (step - last_step) / max(now - last_time, 1e-9)
   eta = (total - step) / rate if rate > 0 else float("nan")
@@ -598,8 +637,16 @@ def _log_progress(config, writer, metrics, schedule, step, total, last_time, las
 def _check_finite(state, step, manager):
   leaves = jax.tree.leaves(jax.device_get(state["params"]))
   if not all(np.isfinite(x).all() for x in leaves):
-    raise TrainingDiverged(f"non-finite parameters at step {step}; not saved; the last "
-                           f"good checkpoint (step {manager.latest_step()}) is kept")
+    raise TrainingDiverged(f"non-finite parameters at step {step}; not saved; "
+                           f"{_kept(manager)}")
+
+
+def _kept(manager) -> str:
+  """What a stopped run leaves: its newest checkpoint, or that there is none yet."""
+  last = manager.latest_step()
+  if last is None:
+    return f"no checkpoint had been saved yet in {manager.directory} (nothing to keep)"
+  return f"the last good checkpoint (step {last}) is kept in {manager.directory}"
 
 
 def _set_aside_damaged(manager, good_step: int, workdir: str) -> None:
@@ -693,17 +740,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from bcdnet_jax import data
   start = time.time()
   rt = runtime.Runtime.create()
+  config_lib.validate(config, rt.size)
   if not config.checkpoint:
     raise ConfigError("config.checkpoint: set it to a model directory (convert_torch_ckpt.py "
                       "output) or a training workdir")
-  if config.eval_batch_size <= 0 or config.eval_batch_size % rt.size:
-    raise ConfigError(f"config.eval_batch_size: {config.eval_batch_size} must be positive "
-                      f"and divisible by the {rt.size} devices")
+  config_lib.check_workdir(workdir)
   model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                  config.model.dtype_policy)
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)
+  config_lib.check_image_size(model.spec, pre["image_size"],
+                              "config.image_size" if config.image_size else
+                              f"the image size recorded in {config.checkpoint}")
   entries = eval_entries(config)
   sources = [data.open_source(name, split, config.data_dir or None) for name, split in entries]
   for (name, _), source in zip(entries, sources):  # all checked before any work
@@ -761,27 +810,59 @@ def _stage_config(config, name, overrides, cli_overrides):
 
 
 def _run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
-  """Runs the stages of `config.pipeline` in order, each initialised from the last."""
-  results, previous = {}, None
-  start = time.time()
+  """Runs the stages of `config.pipeline` in order, each initialised from the last, then
+  evaluates the final model on `config.eval_datasets` (when set). Every stage's config is
+  checked before the first one starts. Rerunning the command resumes where it stopped:
+  finished stages keep their results, an interrupted stage resumes from its newest
+  checkpoint."""
+  config_lib.check_workdir(workdir)
+  stages, previous = [], None
   for name, overrides in config.pipeline.items():
     stage_cfg = _stage_config(config, name, overrides, cli_overrides)
     with stage_cfg.unlocked():
       if previous is not None and not stage_cfg.init_from:
         stage_cfg.init_from = previous
-    sub = os.path.join(workdir, name)
+      stage_cfg.eval_datasets = ""  # the final model's, below
+    config_lib.validate(stage_cfg, jax.device_count())
+    previous = os.path.join(workdir, name)
+    stages.append((name, stage_cfg, previous))
+  results = {}
+  for name, stage_cfg, sub in stages:
     log.info("pipeline stage %s -> %s", name, sub)
     results[name] = train_and_evaluate(stage_cfg, sub, step_hook=step_hook)
     if results[name].get("preempted"):
       return results[name]
-    previous = sub
   final = dict(results[name])
-  final.update(wall_time_s=time.time() - start, stages=results)
+  final.update(stages=results,
+               wall_time_s=sum(r.get("wall_time_s", 0.0) for r in results.values()))
+  if config.eval_datasets:
+    final.update(_final_sets(config, sub, workdir))
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "results.json"), final)
-    fileio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    fileio.write_json(os.path.join(workdir, "config.json"), {
+        **config.to_dict(),
+        "deviations": sorted({d for _, c, _ in stages for d in config_lib.deviations(c)})})
     write_report(workdir)
   return final
+
+
+def _final_sets(config, model_dir: str, workdir: str) -> dict:
+  """`_evaluate_sets` of the pipeline's final model, or its earlier results when they are
+  newer than the model's results.json and cover the same sets (a rerun of a finished
+  pipeline evaluates nothing again)."""
+  done_path = os.path.join(workdir, "eval", "results.json")
+  try:
+    if os.path.getmtime(done_path) >= os.path.getmtime(os.path.join(model_dir,
+                                                                    "results.json")):
+      with open(done_path) as f:
+        done = json.load(f)
+      wanted = [f"{name}:{split}" for name, split in eval_entries(config)]
+      if done.get("checkpoint") == model_dir and list(done.get("datasets", {})) == wanted:
+        log.info("%s: the final evaluation was done earlier; kept", done_path)
+        return {"datasets": done["datasets"], "eval_wall_time_s": done["wall_time_s"]}
+  except (OSError, ValueError):
+    pass
+  return _evaluate_sets(config, model_dir, workdir)
 
 
 def write_report(workdir: str) -> str | None:

@@ -56,9 +56,13 @@ def get_config():
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
   c.label_smoothing = 0.1
-  c.teacher_dir = ""  # a model directory of the ResNet-50 teacher ("" = no KD)
+  # a model directory of the ResNet-50 teacher; required in training ("" is an error naming
+  # the conversion command); "none": no KD, recorded in config.json as a deviation
+  c.teacher_dir = ""
 
-  c.init_from = ""  # model directory or workdir whose weights start this run
+  # model directory or workdir whose weights start this run; required for stage 2 (in a
+  # pipeline: the previous stage); "none": fresh weights, recorded as a deviation
+  c.init_from = ""
   c.checkpoint = ""  # evaluation mode: what to evaluate
   c.mode = "train"  # "train" or "eval"
   # evaluation mode: comma-separated TFDS names[:split] to evaluate on ("" = dataset on

@@ -1,7 +1,9 @@
 """Stage 1 of the released recipe: binary activations, real weights (the authors' a_3f).
 
 AdamW (wd 0.01), LR warm-up 1e-3 -> 4e-3 over 15,000 steps then cosine to 0 at 300,000
-steps (about 60 epochs at batch 256), colour jitter, KD from the ResNet-50 teacher:
+steps (about 60 epochs at batch 256), colour jitter, KD from the ResNet-50 teacher
+(required: convert resnet50-19c8e357.pth with convert_torch_ckpt.py, or opt out with
+--config.teacher_dir=none, recorded as a deviation). configs/imagenet.py runs both stages:
   python main.py --config=configs/stage1.py --workdir=runs/stage1 \
       --config.teacher_dir=ckpt/resnet50 --config.data_dir=~/tensorflow_datasets
 """

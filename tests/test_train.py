@@ -91,16 +91,17 @@ def test_losses_match_torch():
 
 
 def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
+  from bcdnet_jax import config as config_lib
   cases = [(dict(batch_size=-8), "config.batch_size: must be a positive"),
            (dict(batch_size=10), None),
            (dict(num_train_steps=0, num_epochs=0.0), "config.num_train_steps")]
   for kw, msg in cases:
     c = small_config(digits_dir, **kw)
     with pytest.raises(train.ConfigError, match=msg or "not divisible by the 3 devices"):
-      train.validate_config(c, num_devices=3 if msg is None else 1)
+      config_lib.validate(c, num_devices=3 if msg is None else 1)
   c = small_config(digits_dir)
   c.model.name = "bcdnet_z"
-  with pytest.raises(train.ConfigError, match="config.model.name: unknown model"):
+  with pytest.raises(train.ConfigError, match="config.model.name: must be a model name"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   c = small_config(digits_dir, init_from=str(tmp_path / "nothing"))
   with pytest.raises(checkpoint.CheckpointError, match="no such model directory"):
@@ -132,9 +133,12 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert all("images_per_s" in r and "learning_rate" in r for r in rows if "loss" in r)
-  # running again finds the finished run and only evaluates
+  # running again finds the finished run: nothing trained or evaluated, results.json (its
+  # wall_time_s of the run that trained) unchanged
+  written = open(os.path.join(wd, "results.json"), "rb").read()
   again = train.train_and_evaluate(small_config(digits_dir), wd)
   assert again["steps"] == 6 and again["top1"] == res["top1"]
+  assert open(os.path.join(wd, "results.json"), "rb").read() == written
   # evaluation mode on the workdir gives the same numbers
   c = small_config(digits_dir, mode="eval", checkpoint=wd)
   ev = train.evaluate(c, str(tmp_path / "eval"))
@@ -447,7 +451,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, digits_
 
 
 def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
-  for kw, msg in [(dict(mode="evaluate"), "config.mode: 'evaluate' is not one of"),
+  for kw, msg in [(dict(mode="evaluate"), "config.mode: must be one of .*got 'evaluate'"),
                   (dict(eval_crop_ratio=0.0), "config.eval_crop_ratio: must be in"),
                   (dict(image_size=34), "config.image_size: 34 px images do not fit"),
                   (dict(data_workers=-1), "config.data_workers: must be an integer >= 0")]:
@@ -457,7 +461,7 @@ def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
   for field, value in [("compute_dtype", "fp8"), ("dtype_policy", "float16")]:
     c = small_config(digits_dir)
     c.model[field] = value
-    with pytest.raises(train.ConfigError, match=f"config.model.{field}: '{value}'"):
+    with pytest.raises(train.ConfigError, match=f"config.model.{field}: must be .*'{value}'"):
       train.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
@@ -478,13 +482,23 @@ def test_main_reports_known_errors_in_one_line(tmp_path, digits_dir):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     return proc.returncode, proc.stderr.strip().splitlines()
   wd = str(tmp_path / "w")
+  bad_syntax = tmp_path / "bad.py"
+  bad_syntax.write_text("def get_config(:\n  return None\n")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
   cases = [(["--config=configs/digits.py", f"--workdir={wd}", "--config.bach_size=3"],
             "bach_size"),
            (["--config=configs/nope.py", f"--workdir={wd}"], "nope.py"),
            (["--config=configs/digits.py", f"--workdir={wd}", "--config.mode=evaluate"],
-            "config.mode: 'evaluate' is not one of"),
+            "config.mode: must be one of ('train', 'eval'), got 'evaluate'"),
            (["--config=configs/eval.py", f"--workdir={wd}",
-             f"--config.checkpoint={tmp_path / 'none'}"], "no such model directory")]
+             f"--config.checkpoint={tmp_path / 'none'}"], "no such model directory"),
+           (["--config=" + str(bad_syntax), f"--workdir={wd}"],
+            f"{bad_syntax}, line 1: invalid syntax: def get_config(:"),
+           (["--config=configs/eval.py", f"--workdir={a_file}",
+             f"--config.checkpoint={tmp_path / 'none'}"], "is a file, not a directory"),
+           (["--config=configs/stage1.py", f"--workdir={wd}"],
+            "config.teacher_dir: the released recipe distils from a ResNet-50 teacher")]
   for args, needle in cases:
     rc, err = main(*args)
     assert rc == 2, err

@@ -21,6 +21,7 @@ def small_config(data_dir, *, tiny=True, **kw):
   c.learning_rate = 2e-3
   c.log_every_steps = 1
   c.checkpoint_every_steps = 3
+  c.teacher_dir = c.init_from = "none"  # tests opt out of the recipe's teacher and stage 1
   for k, v in kw.items():
     c[k] = v
   return c
