@@ -110,7 +110,9 @@ def end_to_end(a, data_dir: str) -> dict:
          f"--config.num_train_steps={a.steps}", f"--config.batch_size={a.batch}",
          f"--config.base_batch_size={a.batch}", f"--config.eval_batch_size={a.batch}",
          f"--config.image_size={a.image_size}", f"--config.data_workers={a.workers}",
-         f"--config.log_every_steps={log_every}", "--config.checkpoint_every_steps=0"]
+         f"--config.log_every_steps={log_every}", "--config.checkpoint_every_steps=0",
+         # the step alone, as bench/train_step.py measures it (no ResNet-50 weights here)
+         "--config.teacher_dir=none", "--config.init_from=none"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if out.returncode != 0:
     raise SystemExit(f"main.py failed:\n{out.stderr[-3000:]}")
