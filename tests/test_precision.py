@@ -33,14 +33,12 @@ def _tiny(name, stage, policy, **kw):
                              **sizes[name], **kw)
 
 
-@pytest.mark.parametrize("stage,compute_dtype", [(1, "float32"), (2, "float32"), (2, "int8")])
-def test_bfloat16_policy_products_in_bfloat16_state_in_float32(stage, compute_dtype):
-  """Every convolution and token-wise product of the training step (student forward and
-  backward, teacher forward) takes bfloat16 or int8 operands; only the dense heads and
-  embeddings run in float32; parameters, optimiser state, BN statistics, loss: float32."""
+def _tiny_train_step(policy, stage, compute_dtype):
+  """(train step, state, uint8 batch of 3 images at 32 px, teacher state): a tiny BCDNet-B
+  student with a tiny ResNet-50 teacher under `policy`."""
   cfg = default.get_config()
-  student = _tiny("bcdnet_b", stage, "bfloat16", compute_dtype=compute_dtype)
-  teacher = _tiny("resnet50", 2, "bfloat16")
+  student = _tiny("bcdnet_b", stage, policy, compute_dtype=compute_dtype)
+  teacher = _tiny("resnet50", 2, policy)
   teacher.eval()
   teacher_def, teacher_state = nnx.split(teacher)
   train_def, _, params, batch_stats = train.split_model(student)
@@ -48,8 +46,17 @@ def test_bfloat16_policy_products_in_bfloat16_state_in_float32(stage, compute_dt
   step = train.make_train_step(train_def, tx, cfg, teacher_def)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
-  batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)),
-                                jnp.float32), "label": jnp.arange(3, dtype=jnp.int32)}
+  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)),
+                                jnp.uint8), "label": jnp.arange(3, dtype=jnp.int32)}
+  return step, state, batch, teacher_state
+
+
+@pytest.mark.parametrize("stage,compute_dtype", [(1, "float32"), (2, "float32"), (2, "int8")])
+def test_bfloat16_policy_products_in_bfloat16_state_in_float32(stage, compute_dtype):
+  """Every convolution and token-wise product of the training step (student forward and
+  backward, teacher forward) takes bfloat16 or int8 operands; only the dense heads and
+  embeddings run in float32; parameters, optimiser state, BN statistics, loss: float32."""
+  step, state, batch, teacher_state = _tiny_train_step("bfloat16", stage, compute_dtype)
   products = {}
   for e in _eqns(jax.make_jaxpr(step)(state, batch, teacher_state).jaxpr):
     if e.primitive.name in ("conv_general_dilated", "dot_general"):
@@ -219,18 +226,7 @@ def _product_precisions(text):
 
 
 def _lowered_train_step(policy, stage, compute_dtype):
-  cfg = default.get_config()
-  student = _tiny("bcdnet_b", stage, policy, compute_dtype=compute_dtype)
-  teacher = _tiny("resnet50", 2, policy)
-  teacher.eval()
-  teacher_def, teacher_state = nnx.split(teacher)
-  train_def, _, params, batch_stats = train.split_model(student)
-  tx, _ = train.make_optimizer(cfg, 10)
-  step = train.make_train_step(train_def, tx, cfg, teacher_def)
-  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32)}
-  batch = {"image": jnp.zeros((3, 32, 32, 3), jnp.float32),
-           "label": jnp.arange(3, dtype=jnp.int32)}
+  step, state, batch, teacher_state = _tiny_train_step(policy, stage, compute_dtype)
   return jax.jit(step).lower(state, batch, teacher_state).as_text()
 
 
