@@ -83,23 +83,57 @@ def _is_run(path) -> bool:
              for f in ("metrics.jsonl", "config.json", "model.json"))
 
 
+def _workdirs_in(path) -> list[str]:
+  """The names of the subdirectories of `path` that are training or pipeline workdirs."""
+  try:
+    names = sorted(os.listdir(path))
+  except OSError as e:
+    raise ReportError(f"{path}: unreadable ({e.strerror})") from None
+  return [n for n in names if os.path.isdir(os.path.join(path, n))
+          and _is_run(os.path.join(path, n))]
+
+
+def _chained(workdir, names) -> bool:
+  """Whether subdirectories `names` (at least two) are the stages of one pipeline still
+  running: each stage after the first was initialised from the one before it."""
+  if len(names) < 2:
+    return False
+  for prev, name in zip(names, names[1:]):
+    cfg = _read_json(os.path.join(workdir, name, "config.json"))
+    init = cfg.get("init_from") if isinstance(cfg, dict) else None
+    if not init or (os.path.realpath(os.path.join(workdir, init)) !=
+                     os.path.realpath(os.path.join(workdir, prev))):
+      return False
+  return True
+
+
 def find_stages(workdir: str) -> list[Stage]:
-  """The stages of `workdir` in order (one for a plain run), with their logged lines."""
+  """The stages of `workdir` in order (one for a plain run), with their logged lines.
+  Accepted: a training workdir (its own metrics.jsonl, config.json or model.json), a
+  pipeline workdir (a config.json with a `pipeline`, or, before that is written at the
+  end, stage subdirectories each initialised from the one before); anything else is a
+  ReportError that names the workdirs it contains."""
   if not os.path.isdir(workdir):
     raise ReportError(f"{workdir}: not a directory")
-  config = _read_json(os.path.join(workdir, "config.json")) or {}
-  names = list(config.get("pipeline") or {})
+  config = _read_json(os.path.join(workdir, "config.json"))
+  names = list((config.get("pipeline") if isinstance(config, dict) else None) or {})
+  dirs = []
   if names:
     dirs = [(n, os.path.join(workdir, n)) for n in names
             if os.path.isdir(os.path.join(workdir, n))]
-  elif os.path.exists(os.path.join(workdir, "metrics.jsonl")) or _is_run(workdir):
+  elif _is_run(workdir):
     dirs = [("run", workdir)]
   else:  # a pipeline still running: its config.json is written at the end
-    dirs = [(n, os.path.join(workdir, n)) for n in sorted(os.listdir(workdir))
-            if os.path.isdir(os.path.join(workdir, n)) and _is_run(os.path.join(workdir, n))]
+    subs = _workdirs_in(workdir)
+    if _chained(workdir, subs):
+      dirs = [(n, os.path.join(workdir, n)) for n in subs]
   if not dirs:
-    raise ReportError(f"{workdir}: not a training workdir (no metrics.jsonl, config.json or "
-                      "model.json in it or in a stage subdirectory)")
+    subs = _workdirs_in(workdir)
+    what = f"; it contains the workdirs {', '.join(subs)}: pass one of them" if subs else ""
+    missing = (f" (its config.json names the pipeline stages {', '.join(names)}, none of "
+               "them a subdirectory)" if names else
+               " (no metrics.jsonl, no pipeline config.json)")
+    raise ReportError(f"{workdir} is not a training workdir{missing}{what}")
   stages, offset = [], 0
   for name, path in dirs:
     metrics = metric_writer.read_jsonl(os.path.join(path, "metrics.jsonl"))

@@ -32,7 +32,8 @@ def synthetic_pipeline(root, *, steps=(20, 30), finished=True, repeat_step=None)
     d = os.path.join(root, name)
     os.makedirs(d)
     with open(os.path.join(d, "config.json"), "w") as f:
-      json.dump({"num_train_steps": n}, f)
+      json.dump({"num_train_steps": n, "init_from": os.path.join(root, "stage1") if i else ""},
+                f)
     metrics = [{"step": s, "loss": 2.5 / s, "ce": 2.6 / s, "second_loss": 2.4 / s,
                 "accuracy": 1 - 1 / s, "accuracy_dist": 1 - 1.2 / s,
                 "learning_rate": 1e-3 * (1 - s / n) + 1e-6, "images_per_s": 300.0 + s}
@@ -159,6 +160,31 @@ def test_bad_workdirs_are_one_error_line(tmp_path, capsys):
   assert report.main([str(tmp_path)]) == 2
   assert "no metrics yet" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "report" / "index.html")
+
+
+def test_folders_that_are_not_one_workdir_are_one_error_line(tmp_path, capsys):
+  # two unrelated single-stage runs side by side: not the stages of one pipeline
+  for name in ("a", "b"):
+    os.makedirs(tmp_path / "many2" / name)
+    _write_jsonl(tmp_path / "many2" / name / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    with open(tmp_path / "many2" / name / "config.json", "w") as f:
+      json.dump({"num_train_steps": 1, "init_from": ""}, f)
+  synthetic_pipeline(str(tmp_path / "pipes" / "p1"))  # two pipeline workdirs side by side
+  synthetic_pipeline(str(tmp_path / "pipes" / "p2"))
+  os.makedirs(tmp_path / "misc" / "junk")  # unrelated things
+  with open(tmp_path / "misc" / "notes.txt", "w") as f:
+    f.write("x")
+  for d, subs in (("many2", "a, b"), ("pipes", "p1, p2"), ("misc", None)):
+    before = sorted(os.listdir(tmp_path / d))
+    assert report.main([str(tmp_path / d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / d} is not a training "
+                                                   "workdir (no metrics.jsonl, no pipeline "
+                                                   "config.json)"), err
+    assert (f"it contains the workdirs {subs}: pass one of them" in err) == bool(subs), err
+    assert sorted(os.listdir(tmp_path / d)) == before  # nothing written
+  # a stage of a pipeline in progress alone, or each of the runs: accepted
+  assert report.main([str(tmp_path / "many2" / "a")]) == 0
 
 
 def _chromium():
