@@ -9,6 +9,7 @@ is configured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -196,10 +197,13 @@ def load_init_from(path: str, spec: models.ModelSpec):
 
 class _Preemption:
   """SIGTERM / SIGUSR1 (SLURM's --signal) and SIGINT (Ctrl-C) request a checkpoint and a
-  clean exit (code 0); a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+  clean exit (code 0); a second Ctrl-C interrupts at once (KeyboardInterrupt), except while
+  a checkpoint is being written (`saving`): interrupting Orbax's writer threads would leave
+  a half-written step and a flood of thread tracebacks, so the save finishes first."""
 
   def __init__(self):
     self.requested = False
+    self.saving = False
     self._previous = {}
 
   def __enter__(self):
@@ -212,6 +216,10 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     if signum == signal.SIGINT and self.requested:
+      if self.saving:
+        log.warning("received SIGINT again: the checkpoint being written finishes first "
+                    "(seconds), then the run exits")
+        return
       raise KeyboardInterrupt
     log.warning("received %s: checkpointing and exiting after this step%s",
                 signal.Signals(signum).name,
@@ -285,6 +293,16 @@ class _Plan:
   teacher: Any = None
 
 
+@contextlib.contextmanager
+def _naming(field: str):
+  """Prefixes a model directory's error (missing, not a model directory, damaged) with the
+  config field that named the directory."""
+  try:
+    yield
+  except checkpoint.CheckpointError as e:
+    raise type(e)(f"{field}: {e}") from None
+
+
 def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
   """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   from bcdnet_jax import data
@@ -311,11 +329,13 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> _Plan:
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   plan = _Plan(train_source, eval_source, spec, total_steps)
   if config.init_from and not config_lib.is_none(config.init_from):
-    plan.init_params = load_init_from(config.init_from, spec)
+    with _naming("config.init_from"):
+      plan.init_params = load_init_from(config.init_from, spec)
   if not config_lib.is_none(config.teacher_dir):
     # the teacher computes under the student's policy (its activations dominate the step)
-    plan.teacher = models.set_dtype_policy(
-        checkpoint.restore_model(config.teacher_dir, rt), plan.spec.dtype_policy)
+    with _naming("config.teacher_dir"):
+      plan.teacher = models.set_dtype_policy(
+          checkpoint.restore_model(config.teacher_dir, rt), plan.spec.dtype_policy)
     if plan.teacher.spec.num_classes != num_classes:
       raise ConfigError(f"config.teacher_dir: teacher has {plan.teacher.spec.num_classes} "
                         f"classes, the dataset {num_classes}")
@@ -329,11 +349,39 @@ def write_run_records(config, workdir: str, spec: models.ModelSpec) -> None:
     deviations = config_lib.deviations(config)
     for d in deviations:
       log.warning("deviation from the released recipe: %s", d)
-    fileio.write_json(os.path.join(workdir, "config.json"),
-                      {**config.to_dict(), "deviations": deviations})
+    new = {**config.to_dict(), "deviations": deviations}
+    _log_config_changes(os.path.join(workdir, "config.json"), new)
+    fileio.write_json(os.path.join(workdir, "config.json"), new)
     fileio.write_json(os.path.join(workdir, checkpoint.SPEC_FILE),
                       {"format_version": checkpoint.FORMAT_VERSION, "spec": spec.to_json(),
                        "preprocessing": preprocessing.from_config(config)})
+
+
+def _log_config_changes(path: str, new: dict) -> None:
+  """Warns, field by field, when a rerun in a workdir uses another configuration than the
+  one recorded there (a resumed run continues with the new values: say so, not silently)."""
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict) and k not in ("overrides", "pipeline"):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[prefix + k] = v
+    return out
+
+  a, b = flat(old), flat(json.loads(json.dumps(new, default=str)))
+  changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k)]
+  if changed:
+    log.warning("%s: this run's configuration differs from the recorded one (%s); a resumed "
+                "run continues with the new values", path, "; ".join(changed[:8]) +
+                (f"; and {len(changed) - 8} more" if len(changed) > 8 else ""))
 
 
 def create_train_state(config, plan: _Plan):
@@ -606,7 +654,13 @@ def _train_loop(config, rt, plan, state, step, p_train, teacher_state, train_ite
         writer.scalars(step, {"eval_top1": r["top1"], "eval_top5": r["top5"]})
       stop = preempt.agreed()  # every process stops at the same step, or none does
       if due(step, config.checkpoint_every_steps) or is_last or stop:
-        save_checkpoint(manager, state, step, plan.spec)
+        preempt.saving = True
+        try:
+          save_checkpoint(manager, state, step, plan.spec)
+        finally:
+          preempt.saving = False
+        if preempt.requested and jax.process_count() == 1:
+          stop = True  # a signal that came during the save (several processes: next step)
       if stop and not is_last:
         log.warning("stopped at step %d (checkpoint saved); resume by running the same "
                     "command", step)
@@ -745,8 +799,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError("config.checkpoint: set it to a model directory (convert_torch_ckpt.py "
                       "output) or a training workdir")
   config_lib.check_workdir(workdir)
-  model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
-                                 config.model.dtype_policy)
+  held = [f for f in (checkpoint.SPEC_FILE, "checkpoints")
+          if os.path.exists(os.path.join(workdir, f))]
+  if held:  # its config.json and results.json would be replaced by the evaluation's
+    raise ConfigError(f"--workdir={workdir} holds a training run or a model ({held[0]}); "
+                      "evaluation writes config.json and results.json there: use another "
+                      "--workdir (e.g. a new directory)")
+  with _naming("config.checkpoint"):
+    model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
+                                   config.model.dtype_policy)
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)

@@ -209,6 +209,19 @@ def test_disk_full_is_recognised_in_orbax_errors_and_nothing_else():
 
 
 @pytest.mark.slow
+def test_second_ctrl_c_waits_for_a_checkpoint_being_written():
+  """A second Ctrl-C interrupts a training step at once, but not a checkpoint save (Orbax's
+  writer threads would leave a half-written step and thread tracebacks)."""
+  p = train._Preemption()
+  p._handle(signal.SIGINT, None)
+  assert p.requested
+  p.saving = True
+  p._handle(signal.SIGINT, None)  # waits for the save: no exception
+  p.saving = False
+  with pytest.raises(KeyboardInterrupt):
+    p._handle(signal.SIGINT, None)
+
+
 def test_ctrl_c_saves_and_stops_like_sigterm(tmp_path, digits_dir):
   wd = str(tmp_path / "int")
   before = signal.getsignal(signal.SIGINT)
@@ -244,3 +257,31 @@ def test_metrics_jsonl_holds_each_step_once_after_a_resume(tmp_path):
   rows = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
   assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 14.0, 15.0]
+
+
+def test_evaluation_refuses_a_training_workdir(tmp_path, digits_dir):
+  """Evaluating into a training run's workdir would replace its config.json and
+  results.json: refused before any work, the files unchanged."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "model.json").write_text("{}")
+  (wd / "results.json").write_text('{"steps": 5}')
+  c = small_config(digits_dir, mode="eval", checkpoint=str(wd))
+  with pytest.raises(train.ConfigError, match="holds a training run or a model"):
+    train.run(c, str(wd))
+  assert (wd / "results.json").read_text() == '{"steps": 5}'
+  assert sorted(os.listdir(wd)) == ["model.json", "results.json"]
+
+
+def test_a_rerun_with_other_values_says_which(tmp_path, caplog):
+  """A resumed run that uses other values than the recorded config.json names them."""
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({"batch_size": 8, "crop_scale": [0.08, 1.0],
+                              "model": {"name": "bcdnet_a", "stage": 2}}))
+  same = {"batch_size": 8, "crop_scale": (0.08, 1.0), "model": {"name": "bcdnet_a", "stage": 2}}
+  with caplog.at_level("WARNING", logger="bcdnet_jax"):
+    train._log_config_changes(str(path), same)
+    assert "differs" not in caplog.text  # tuples and lists are the same values
+    train._log_config_changes(str(path), {**same, "batch_size": 4,
+                                          "model": {"name": "bcdnet_a", "stage": 1}})
+  assert "batch_size: 8 -> 4" in caplog.text and "model.stage: 2 -> 1" in caplog.text

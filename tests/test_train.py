@@ -486,8 +486,18 @@ def test_main_reports_known_errors_in_one_line(tmp_path, digits_dir):
   bad_syntax.write_text("def get_config(:\n  return None\n")
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
+  raising = tmp_path / "raising.py"
+  raising.write_text("def get_config():\n  return 1 / 0\n")
+  no_get = tmp_path / "no_get.py"
+  no_get.write_text("x = 1\n")
   cases = [(["--config=configs/digits.py", f"--workdir={wd}", "--config.bach_size=3"],
-            "bach_size"),
+            "--config.bach_size: unknown field (did you mean batch_size?)"),
+           (["--config=configs/digits.py", f"--workdir={wd}", "--config.typo_field=1"],
+            "--config.typo_field: unknown field; the fields are those of configs/default.py"),
+           (["--config=" + str(raising), f"--workdir={wd}"],
+            f"--config={raising}: get_config() raised ZeroDivisionError: division by zero"),
+           (["--config=" + str(no_get), f"--workdir={wd}"],
+            f"--config={no_get}: the config file defines no get_config() function"),
            (["--config=configs/nope.py", f"--workdir={wd}"], "nope.py"),
            (["--config=configs/digits.py", f"--workdir={wd}", "--config.mode=evaluate"],
             "config.mode: must be one of ('train', 'eval'), got 'evaluate'"),
