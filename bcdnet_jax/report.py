@@ -357,7 +357,19 @@ def build(workdir: str, out: str | None = None) -> str:
   of its index.html. Raises ReportError for a directory that is not a training workdir
   or has no metrics yet."""
   stages = find_stages(workdir)
+  where = f"--out {out}" if out else os.path.join(workdir, "report")
   out = out or os.path.join(workdir, "report")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ReportError(f"{where}: is a file, not a directory; pass a directory for the "
+                      "report")
+  try:
+    return _write(stages, workdir, out)
+  except OSError as e:
+    raise ReportError(f"{where}: cannot write the report there "
+                      f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
+
+
+def _write(stages, workdir, out) -> str:
   os.makedirs(out, exist_ok=True)
   plots = []
   plot_training(stages, os.path.join(out, "training.png"))

@@ -187,6 +187,30 @@ def test_folders_that_are_not_one_workdir_are_one_error_line(tmp_path, capsys):
   assert report.main([str(tmp_path / "many2" / "a")]) == 0
 
 
+def test_out_that_cannot_be_written_is_one_error_line(tmp_path, capsys):
+  wd = synthetic_pipeline(str(tmp_path / "run"))
+  with open(tmp_path / "afile", "w") as f:
+    f.write("keep")
+  assert report.main([wd, "--out", str(tmp_path / "afile")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "afile: is a file, not a directory" in err, err
+  assert open(tmp_path / "afile").read() == "keep"
+  # any other OSError (a file in the path; a read-only directory when not root)
+  assert report.main([wd, "--out", str(tmp_path / "afile" / "report")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "cannot write the report there" in err, err
+  assert open(tmp_path / "afile").read() == "keep"
+  os.makedirs(tmp_path / "ro")
+  os.chmod(tmp_path / "ro", 0o555)
+  try:
+    if not os.access(tmp_path / "ro", os.W_OK):  # root writes anyway
+      assert report.main([wd, "--out", str(tmp_path / "ro" / "report")]) == 2
+      err = capsys.readouterr().err
+      assert err.count("\n") == 1 and "cannot write the report there" in err, err
+  finally:
+    os.chmod(tmp_path / "ro", 0o755)
+
+
 def _chromium():
   exe = shutil.which("chromium") or shutil.which("chromium-browser")
   assert exe, ("headless Chromium is needed (Debian: apt-get install -y chromium; "
