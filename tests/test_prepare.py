@@ -73,6 +73,19 @@ def test_missing_or_bad_tars_and_unwritable_dir(tmp_path, capsys):
   blocker.write_text("x")
   assert prepare.main(["digits", f"--data_dir={blocker}/sub"]) == 2
   assert f"cannot write to data_dir {blocker}/sub" in capsys.readouterr().err
+  assert prepare.main(["digits", f"--data_dir={blocker}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"--data_dir {blocker} is a file, not a directory" in err
+  assert blocker.read_text() == "x"
+
+
+def test_folder_datasets_need_no_preparing(tmp_path, capsys):
+  for argv in (["folder:/tmp"], ["--convert_from_tfrecord", "folder:/tmp"]):
+    assert prepare.main(argv + [f"--data_dir={tmp_path / 'tfds'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: folder:/tmp: folder: datasets are read directly from their "
+                   "files; nothing to prepare\n")
+    assert not os.path.exists(tmp_path / "tfds")
 
 
 def test_damaged_archive_leaves_nothing_prepared(tmp_path, capsys):

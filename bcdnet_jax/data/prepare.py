@@ -52,6 +52,9 @@ def default_manual_dir(data_dir: str | None) -> str:
 
 def check_writable(data_dir: str) -> None:
   """Raises DataError unless files can be created in `data_dir` (made if missing)."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(f"--data_dir {data_dir} is a file, not a directory; pass the TFDS data "
+                    "directory")
   try:
     os.makedirs(data_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".bcdnet-prepare-"):
@@ -131,6 +134,12 @@ def _build(dataset: str, builder, download_config, every_s: float) -> None:
                     f"{detail}; nothing is left as prepared in {builder.data_dir}") from None
 
 
+def _not_folder(dataset: str) -> None:
+  if dataset.startswith("folder:"):
+    raise DataError(f"{dataset}: folder: datasets are read directly from their files; "
+                    "nothing to prepare")
+
+
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None, *,
             progress_every_s: float = 30.0) -> str:
   """Builds `dataset` in ArrayRecord format under `data_dir` (default $TFDS_DATA_DIR or
@@ -138,6 +147,7 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
   ArrayRecord format is left as it is. Raises DataError for an unknown name, missing
   ImageNet archives (naming the files and directory), an unwritable data_dir, a data set
   prepared in TFRecord format only (naming the conversion), or a failed build."""
+  _not_folder(dataset)
   root = data_dir or sources.default_data_dir()
   check_writable(root)
   if dataset == "digits":
@@ -201,6 +211,7 @@ def convert_from_tfrecord(dataset: str, data_dir: str | None = None) -> str:
   from tensorflow_datasets.core import file_adapters
   from tensorflow_datasets.core.utils import py_utils
 
+  _not_folder(dataset)
   root = data_dir or sources.default_data_dir()
   builder = sources.tfds_builder(dataset, root)
   with sources.quiet_absl():
