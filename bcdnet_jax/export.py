@@ -258,6 +258,22 @@ def _header(spec, program, real_dtype, source, preprocess=None) -> dict:
 
 # --- writing and loading ---------------------------------------------------------------------
 
+def check_out(out: str, overwrite: bool = False, flag: str = "overwrite=True") -> None:
+  """Raises ExportError unless the artefact file `out` can be written: not a directory,
+  its parent directory exists (none is created) and is writable, and an existing file only
+  with `overwrite` (`flag` is how the caller spells it in the message)."""
+  if os.path.isdir(out):
+    raise ExportError(f"{out}: is a directory; pass the path of the artefact file to write")
+  if os.path.exists(out) and not overwrite:
+    raise ExportError(f"{out}: already exists; refusing to overwrite it (pass {flag})")
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent):
+    what = "is not a directory" if os.path.exists(parent) else "does not exist"
+    raise ExportError(f"{out}: its directory {parent} {what}; nothing written (create the "
+                      "directory first)")
+  fileio.check_writable(out, ExportError)
+
+
 def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: bool = False,
                  source: str = "", preprocess: dict | None = None) -> dict:
   """Writes the deploy artefact of `model` to `out`; returns a report of what it holds.
@@ -266,12 +282,7 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
   replaced only with `overwrite=True`, and never by a half-written one.
   """
   out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise ExportError(f"{out}: already exists; refusing to overwrite it (pass "
-                      "overwrite=True / --overwrite)")
-  if os.path.isdir(out):
-    raise ExportError(f"{out}: is a directory")
-  fileio.check_writable(out, ExportError)
+  check_out(out, overwrite)
   program, tensors = deploy_tensors(model, real_dtype)
   bad = errors.first_non_finite(tensors.items())
   if bad:
@@ -364,6 +375,7 @@ def main(argv=None) -> int:
   p.add_argument("--verify_image_size", type=int, default=64)
   a = p.parse_args(argv)
   try:
+    check_out(a.out, a.overwrite, "--overwrite")  # before minutes of restoring
     report = export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite,
                                real_dtype="float16" if a.float16 else "float32")
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes "

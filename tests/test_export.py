@@ -8,6 +8,7 @@ Each test prints the largest difference it saw.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,28 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
   assert "not a bcdnet-jax deploy artefact" in capsys.readouterr().err
   names = predict.class_names(1000)
   assert names[0] == "tench" and names[999] == "toilet tissue" and len(set(names)) >= 998
+
+
+def test_export_out_mistakes_are_one_line_and_create_nothing(tmp_path, capsys):
+  ckpt = str(tmp_path / "no_ckpt")  # the --out check comes before reading the checkpoint
+  missing = tmp_path / "nonexist" / "x.bcdnet"
+  assert export.main(["--checkpoint", ckpt, "--out", str(missing)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"its directory {tmp_path / 'nonexist'} does not exist" in err
+  assert not os.path.exists(tmp_path / "nonexist")
+  with pytest.raises(export.ExportError, match="does not exist"):
+    export.export_model(None, str(missing))
+  assert not os.path.exists(tmp_path / "nonexist")
+  os.makedirs(tmp_path / "adir")
+  for extra in ([], ["--overwrite"]):
+    assert export.main(["--checkpoint", ckpt, "--out", str(tmp_path / "adir")] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "adir: is a directory" in err, err
+  (tmp_path / "old.bcdnet").write_text("keep")
+  assert export.main(["--checkpoint", ckpt, "--out", str(tmp_path / "old.bcdnet")]) == 2
+  err = capsys.readouterr().err
+  assert "already exists" in err and "(pass --overwrite)" in err and "overwrite=True" not in err
+  assert (tmp_path / "old.bcdnet").read_text() == "keep"
 
 
 def test_predict_argument_mistakes(tmp_path, capsys):
