@@ -33,34 +33,55 @@ def class_names(num_classes: int) -> list[str]:
   return [f"class {i}" for i in range(num_classes)]
 
 
+MAX_IMAGE_SIZE = 4096  # px: the model's input side (--image_size)
+MAX_RESIZE = 2 * MAX_IMAGE_SIZE  # px: the shorter side before the crop (size / crop ratio)
+
+
+def load_image(path: str, pre: dict) -> np.ndarray:
+  """One image file decoded and preprocessed (`load_images`, unnormalised). Raises
+  `PredictError` naming the file."""
+  import os
+
+  from bcdnet_jax.data import transforms
+  if "://" in path:
+    raise PredictError(f"{path}: a URL; download the image and pass the file")
+  if os.path.isdir(path):
+    raise PredictError(f"{path}: a directory; pass image files (e.g. "
+                       f"{os.path.join(path, '*.jpg')})")
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise PredictError(f"{path}: cannot read the image file ({e.strerror})") from None
+  try:
+    return transforms.eval_transform(raw, image_size=pre["image_size"],
+                                     crop_ratio=pre["crop_ratio"], name=path)
+  except transforms.ImageDecodeError as e:
+    why = str(e).removeprefix(f"cannot decode image {path}: ")
+    raise PredictError(f"{path}: not a decodable image: {why}") from None
+
+
 def load_images(paths: list[str], pre: dict) -> np.ndarray:
   """Decodes and preprocesses image files into a normalised NHWC float32 batch with the
   model's preprocessing `pre` (`preprocessing.record`): `transforms.eval_transform` (PIL:
   shorter side to image_size / crop_ratio, centre crop) and `preprocessing.normalize` (the
-  formula of the evaluation step). Raises `PredictError` naming the file."""
-  import os
-
+  formula of the evaluation step). Raises `PredictError` naming the first bad file."""
   from bcdnet_jax import preprocessing
-  from bcdnet_jax.data import transforms
-  out = []
-  for path in paths:
-    if "://" in path:
-      raise PredictError(f"{path}: a URL; download the image and pass the file")
-    if os.path.isdir(path):
-      raise PredictError(f"{path}: a directory; pass image files (e.g. {path}/*.jpg)")
-    try:
-      with open(path, "rb") as f:
-        raw = f.read()
-    except OSError as e:
-      raise PredictError(f"{path}: cannot read the image file ({e.strerror})") from None
-    try:
-      image = transforms.eval_transform(raw, image_size=pre["image_size"],
-                                        crop_ratio=pre["crop_ratio"], name=path)
-    except transforms.ImageDecodeError as e:
-      why = str(e).removeprefix(f"cannot decode image {path}: ")
-      raise PredictError(f"{path}: not a decodable image: {why}") from None
-    out.append(image)
+  out = [load_image(path, pre) for path in paths]
   return preprocessing.normalize(np.stack(out), pre["mean_rgb"], pre["stddev_rgb"])
+
+
+def check_sizes(pre: dict, image_size_flag: int, crop_ratio_flag: float, model: str) -> None:
+  """Raises PredictError when the input side or the resize before the crop is beyond
+  `MAX_IMAGE_SIZE` / `MAX_RESIZE` px (PIL would try to allocate gigabytes)."""
+  size, ratio = pre["image_size"], pre["crop_ratio"]
+  where = "--image_size" if image_size_flag else f"the image size recorded in {model}"
+  if size > MAX_IMAGE_SIZE:
+    raise PredictError(f"{where}: {size} px is over the limit of {MAX_IMAGE_SIZE} px")
+  if size / ratio > MAX_RESIZE:
+    where = "--crop_ratio" if crop_ratio_flag else f"the crop ratio recorded in {model}"
+    raise PredictError(f"{where}: {ratio} resizes to {round(size / ratio)} px before the "
+                       f"{size} px crop, over the limit of {MAX_RESIZE} px")
 
 
 def warn_small_images(paths: list[str], image_size: int) -> list[str]:
@@ -110,6 +131,8 @@ def main(argv=None) -> int:
     # the rules of training and evaluation, before the model is loaded or compiled
     config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
                                "--crop_ratio"), recorded_allowed=True)
+    if a.image_size > MAX_IMAGE_SIZE:
+      raise PredictError(f"--image_size: at most {MAX_IMAGE_SIZE} px, got {a.image_size}")
     model = export.load_packed(a.model)
     recorded = model.header.get("preprocess") or preprocessing.DEFAULT
     config.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
@@ -117,25 +140,36 @@ def main(argv=None) -> int:
                             if a.image_size else f"the image size recorded in {a.model}")
     pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,
                                 crop_ratio=a.crop_ratio, where=a.model)
+    check_sizes(pre, a.image_size, a.crop_ratio, a.model)
     warn_small_images(a.images, pre["image_size"])
-    images = load_images(a.images, pre)
-    top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
-    if not np.all(np.isfinite(probs)):
-      raise PredictError(f"{a.model}: the model gives non-finite outputs (NaN or infinity)")
+    good, loaded, failed = [], [], []
+    for path in a.images:  # a bad image does not cost the good ones their predictions
+      try:
+        loaded.append(load_image(path, pre))
+        good.append(path)
+      except PredictError as e:
+        failed.append(e)
+    if good:
+      images = preprocessing.normalize(np.stack(loaded), pre["mean_rgb"], pre["stddev_rgb"])
+      top, probs = predict(model, images, path=a.path, k=min(a.top, model.num_classes))
+      if not np.all(np.isfinite(probs)):
+        raise PredictError(f"{a.model}: the model gives non-finite outputs (NaN or infinity)")
   except (errors.UserError, ValueError) as e:
     return errors.report(e)
   names = class_names(model.num_classes)
   result = []
-  for path, idx, pr in zip(a.images, top, probs):
+  for path, idx, pr in zip(good, top, probs) if good else ():
     preds = [{"class": int(i), "name": names[i], "prob": float(q)} for i, q in zip(idx, pr)]
     result.append({"image": path, "top": preds})
     if not a.json:
       print(path)
       for r in preds:
         print(f"  {r['prob']:6.1%}  {r['class']:4d}  {r['name']}")
-  if a.json:
+  if a.json and good:
     print(json.dumps(result))
-  return 0
+  for e in failed:
+    errors.report(e)
+  return errors.EXIT_USER_ERROR if failed else 0
 
 
 

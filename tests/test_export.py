@@ -213,3 +213,31 @@ def test_predict_argument_mistakes(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     predict.main(["--model", str(out), "--top", "-3", str(tmp_path / "x.jpg")])
   assert e.value.code == 2 and "--top must be 1 or more" in capsys.readouterr().err
+  assert predict.main(["--model", str(out), str(tmp_path) + "/"]) == 2
+  err = capsys.readouterr().err
+  assert f"(e.g. {tmp_path}/*.jpg)" in err and "//" not in err
+  for flags, what in ((["--image_size", "100000"], "--image_size: at most 4096 px"),
+                      (["--crop_ratio", "0.001"], "--crop_ratio: 0.001 resizes to")):
+    assert predict.main(["--model", str(out)] + flags + [str(tmp_path / "x.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: " + what), err
+
+
+def test_predict_prints_the_good_images_and_a_line_per_bad_one(tmp_path, capsys):
+  from PIL import Image
+  out = small_artefact(tmp_path)
+  good = tmp_path / "good.png"
+  Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(good)
+  bad = tmp_path / "bad.jpg"
+  bad.write_text("not an image")
+  argv = ["--model", str(out), "--image_size", "32", str(bad), str(good),
+          str(tmp_path / "nope.jpg")]
+  assert predict.main(argv) == 2
+  o = capsys.readouterr()
+  assert o.out.splitlines()[0] == str(good) and "%" in o.out.splitlines()[1]
+  lines = o.err.strip().splitlines()
+  assert lines[0].startswith(f"error: {bad}: not a decodable image")
+  assert lines[1].startswith(f"error: {tmp_path / 'nope.jpg'}: cannot read"), lines
+  assert predict.main(argv + ["--json"]) == 2
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert [r["image"] for r in res] == [str(good)]
