@@ -101,8 +101,12 @@ def _chained(workdir, names) -> bool:
   for prev, name in zip(names, names[1:]):
     cfg = _read_json(os.path.join(workdir, name, "config.json"))
     init = cfg.get("init_from") if isinstance(cfg, dict) else None
-    if not init or (os.path.realpath(os.path.join(workdir, init)) !=
-                     os.path.realpath(os.path.join(workdir, prev))):
+    if not init:
+      return False
+    init = os.path.normpath(init)  # relative to where training ran, or absolute
+    if not (os.path.realpath(init) == os.path.realpath(os.path.join(workdir, prev)) or (
+        os.path.basename(init) == prev and os.path.basename(os.path.dirname(init)) ==
+        os.path.basename(os.path.realpath(workdir)))):
       return False
   return True
 

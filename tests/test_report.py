@@ -134,6 +134,9 @@ def test_pipeline_in_progress_before_its_config_is_written(tmp_path):
   page, _ = check_report(os.path.dirname(report.build(wd)), ALL_HEATMAPS)
   assert "stage2: step 12 of 30 logged, in progress" in page
   assert "<td>stage2</td>" not in page and "<td>stage1</td>" in page
+  with open(os.path.join(wd, "stage2", "config.json"), "w") as f:  # relative to the cwd of training
+    json.dump({"num_train_steps": 30, "init_from": "some/where/run/stage1"}, f)
+  assert [s.name for s in report.find_stages(wd)] == ["stage1", "stage2"]
 
 
 def test_multi_set_evaluation_table(tmp_path):
