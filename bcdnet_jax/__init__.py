@@ -2,11 +2,10 @@
 
 import os as _os
 
-# Set before TensorFlow (the data pipeline, TFDS) or JAX is first imported; a value already in
-# the environment wins. TensorFlow's oneDNN kernels print "E0000 ... oneDNN supports DT_INT32
-# only on platforms with AVX-512" on every run without AVX-512, an error-looking line about a
-# fallback; the data pipeline's ops gain nothing from them, so they are off. Level 1 drops the
-# C++ INFO lines of TensorFlow and XLA ("oneDNN custom operations are on", CPU feature
-# notes); warnings and errors still show.
+# Set before TensorFlow or JAX is first imported; a value already in the environment wins.
+# Only `bcdnet-prepare` imports TensorFlow now (TFDS' ImageNet builders); its oneDNN kernels
+# print "E0000 ... oneDNN supports DT_INT32 only on platforms with AVX-512", an error-looking
+# line about a fallback, so they are off. Level 1 drops the C++ INFO lines of TensorFlow and
+# XLA (CPU feature notes); warnings and errors still show.
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
