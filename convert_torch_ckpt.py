@@ -8,7 +8,7 @@ prints a report; exits non-zero with a message on any failure, having written no
 
 import sys
 
-from bcdnet_jax import convert
+from bcdnet_jax.interop import convert
 
 if __name__ == "__main__":
   sys.exit(convert.main(sys.argv[1:]))

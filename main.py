@@ -16,7 +16,8 @@ if not sys.stderr.isatty():
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bcdnet_jax import distributed, errors, train  # noqa: E402
+from bcdnet_jax import errors, log, train  # noqa: E402
+from bcdnet_jax.train import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -34,7 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  train.setup_logging()
+  log.setup()
   with errors.one_line():
     try:
       distributed.initialize(
@@ -43,7 +44,7 @@ def main(argv):
           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
       train.run(FLAGS.config, FLAGS.workdir, cli_overrides=errors.config_overrides(sys.argv))
     except KeyboardInterrupt:
-      # Ctrl-C inside the training loop saves and exits 0 (train._Preemption); here it came
+      # Ctrl-C inside the training loop saves and exits 0 (train.preemption); here it came
       # before the loop (checks, compilation), during an evaluation, or as a second Ctrl-C
       print("interrupted: nothing of this run was written since its last checkpoint; "
             "resume by running the same command", file=sys.stderr)

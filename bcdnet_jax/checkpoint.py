@@ -19,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bcdnet_jax import errors, fileio, models, preprocessing, runtime
+from bcdnet_jax import errors, fileio, preprocessing, runtime
+from bcdnet_jax.nn import models
 
 SPEC_FILE = "model.json"
 STATE_DIR = "state"

@@ -13,10 +13,10 @@ linear layer reports what it computed. Conventions (the paper's, the default):
 - Size: float32 parameters and BN running statistics (`size_bytes_fp32`) against 1 bit
   per binary weight plus a float32 scale per output channel and float32 for everything
   else (`size_bytes_packed`), and the exact size of the deploy artefact that
-  `bcdnet_jax.export` writes (BN and scales folded, one head; `deploy_bytes_fp32` and
+  `bcdnet_jax.deploy.export` writes (BN and scales folded, one head; `deploy_bytes_fp32` and
   `deploy_bytes_fp16` for float32 / float16 real-valued parts; stage-2 binary models).
 
-    python -m bcdnet_jax.summary --arch bcdnet_a --stage 2 [--image_size 224] [--json]
+    python -m bcdnet_jax summary --arch bcdnet_a --stage 2 [--image_size 224] [--json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bcdnet_jax import layers, models
+from bcdnet_jax.nn import layers, models
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ def summarize(spec: models.ModelSpec, image_size: int = 224, *,
                                            + binary_out_channels)
   deploy = {}
   if spec.stage == 2 and spec.family != "resnet50":
-    from bcdnet_jax import export
+    from bcdnet_jax.deploy import export
     for dt, d in export.deploy_size_bytes(spec, abstract=abstract).items():
       deploy[f"deploy_bytes_{dt.replace('float', 'fp')}"] = d["file_bytes"]
       deploy[f"deploy_compression_{dt.replace('float', 'fp')}"] = fp32 / d["file_bytes"]

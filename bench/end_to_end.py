@@ -3,7 +3,7 @@
 Makes (once, cached in --data_dir) `imagenet2012` archives of photographic JPEGs of ImageNet
 sizes (random crops and rescales of scikit-learn's china.jpg / flower.jpg, ~375x500,
 quality 90, like ImageNet's ~110 KB files) with `tests/helpers/imagenet_tars.py`, prepares
-them with `python -m bcdnet_jax.prepare imagenet2012` (ArrayRecord), then runs
+them with `python -m bcdnet_jax prepare imagenet2012` (ArrayRecord), then runs
 `main.py` training on them and reports:
 - end-to-end images/s (the training loop's own rate from metrics.jsonl, after compilation);
 - step-only images/s of `bench/train_step.py` with the same model, batch, image size and
@@ -91,7 +91,7 @@ def ensure_dataset(a) -> str:
   print(f"making {per_class * a.classes} photographic JPEGs in {manual} ...", file=sys.stderr)
   make_imagenet_tars(manual, a.classes, per_class, max(1, per_class // 20),
                      image_fn=photo_jpeg_maker())
-  subprocess.run([sys.executable, "-m", "bcdnet_jax.prepare", "imagenet2012",
+  subprocess.run([sys.executable, "-m", "bcdnet_jax", "prepare", "imagenet2012",
                   f"--data_dir={data_dir}", f"--manual_dir={manual}"], check=True, cwd=ROOT)
   for name in os.listdir(manual):  # the archives are not needed once prepared
     os.remove(os.path.join(manual, name))

@@ -2,7 +2,7 @@
 
 JAX paths: the Flax model in evaluation mode with its stage-2 binary convs on float32,
 int8 (int32 accumulation) or bfloat16 operands, and the deploy artefact of
-`bcdnet_jax.export` on its 'float', 'int8' and 'packed' (XNOR + popcount) paths; all are
+`bcdnet_jax.deploy.export` on its 'float', 'int8' and 'packed' (XNOR + popcount) paths; all are
 exact for the binary parts; `--policy bfloat16` stores the model's activations in bfloat16.
 PyTorch: fp32 (as released), bf16 autocast + channels_last, and the same plus
 `torch.compile` ('bf16-compile', the baseline a PyTorch user tuning for speed runs).
@@ -64,7 +64,7 @@ def jax_infer(a):
   import jax
   from flax import nnx
 
-  from bcdnet_jax import models
+  from bcdnet_jax.nn import models
   x = jax.device_put(_images(a))
   if a.path in JAX_MODEL_PATHS:
     spec = models.get_spec(a.arch, stage=2, num_classes=a.num_classes,
@@ -78,7 +78,7 @@ def jax_infer(a):
       return nnx.merge(graphdef, state)(x)
     fn = lambda: jax.block_until_ready(forward(state, x))  # noqa: E731
   elif a.path in JAX_DEPLOY_PATHS:
-    from bcdnet_jax import export
+    from bcdnet_jax.deploy import export
     model = models.create_model(a.arch, stage=2, num_classes=a.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
       f = os.path.join(tmp, "model.bcdnet")
@@ -103,7 +103,8 @@ def jax_infer(a):
 def torch_infer(a):
   import torch
 
-  from bcdnet_jax import models, torch_ref
+  from bcdnet_jax.interop import torch_ref
+  from bcdnet_jax.nn import models
   if a.threads:
     torch.set_num_threads(a.threads)
   if a.path not in TORCH_PATHS:

@@ -1,6 +1,6 @@
 """How far a dtype policy is from true float32: flipped binary activations, top-1 agreement.
 
-Runs `bcdnet_jax.precision.compare_policies` (evaluation mode, same weights, `--reference`
+Runs `bcdnet_jax.nn.precision.compare_policies` (evaluation mode, same weights, `--reference`
 against `--policy`) on
 - the two released-format fixtures (tests/fixtures, stage 1 and stage 2, reduced width),
 - a full-width BCDNet-A stage 2 with torch's initialisation and random BN statistics and
@@ -76,7 +76,7 @@ def randomise_batch_norm(model, seed: int):
   import numpy as np
   from flax import nnx
 
-  from bcdnet_jax import layers
+  from bcdnet_jax.nn import layers
   rng = np.random.default_rng(seed)
   for _, bn in model.iter_modules():
     if isinstance(bn, layers.BatchNorm):
@@ -95,7 +95,8 @@ def digits_test_images(model_dir: str):
 
   import numpy as np
 
-  from bcdnet_jax import checkpoint, data, preprocessing, train
+  from bcdnet_jax import checkpoint, data, preprocessing
+  from bcdnet_jax.train import trainer as train
   from configs import digits
   pre = preprocessing.resolve(checkpoint.read_preprocessing(model_dir), image_size=0,
                               crop_ratio=0.0, where=model_dir)
@@ -115,7 +116,9 @@ def digits_test_images(model_dir: str):
 def rows(a):
   import numpy as np
 
-  from bcdnet_jax import checkpoint, convert, models, precision
+  from bcdnet_jax import checkpoint
+  from bcdnet_jax.interop import convert
+  from bcdnet_jax.nn import models, precision
   spec_tiny = dict(num_classes=10, channels=[4, 8, 16, 16, 32, 32, 64, 64, 64, 64, 128])
   for name, stage in (("a_3f", 1), ("a_3", 2)):
     sd = convert.read_torch_checkpoint(os.path.join(FIXTURES, f"{name}_tiny.pth.tar"))

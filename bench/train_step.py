@@ -69,7 +69,9 @@ def jax_setup(a):
   import numpy as np
   from flax import nnx
 
-  from bcdnet_jax import models, runtime, train
+  from bcdnet_jax import runtime
+  from bcdnet_jax.nn import models
+  from bcdnet_jax.train import trainer as train
   from configs import default
 
   cfg = default.get_config()
@@ -87,7 +89,7 @@ def jax_setup(a):
     teacher_def, teacher_state = nnx.split(teacher)
   lay = None
   if getattr(a, "diagnostics", False):
-    from bcdnet_jax import diagnostics
+    from bcdnet_jax.train import diagnostics
     lay = diagnostics.layout(spec, a.image_size)
   step_fn = train.make_train_step(train_def, tx, cfg, teacher_def, lay)
   step = jax.jit(step_fn, donate_argnums=0, compiler_options=runtime.compiler_options())
@@ -122,7 +124,7 @@ def jax_setup(a):
 def jax_step(a):
   import jax
 
-  from bcdnet_jax import models
+  from bcdnet_jax.nn import models
 
   run, _, _, _, _, spec = jax_setup(a)
   times = common.time_calls(run, warmup=a.warmup, repeats=a.repeats, min_time_s=a.min_time_s)
@@ -146,7 +148,8 @@ def torch_step(a):
   import torch
   import torch.nn.functional as F
 
-  from bcdnet_jax import models, torch_ref
+  from bcdnet_jax.interop import torch_ref
+  from bcdnet_jax.nn import models
 
   if a.threads:
     torch.set_num_threads(a.threads)

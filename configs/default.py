@@ -21,7 +21,7 @@ def get_config():
   # In evaluation mode it applies to the evaluated model as well.
   c.model.dtype_policy = "auto"
 
-  # any TFDS name prepared in ArrayRecord format (python -m bcdnet_jax.prepare NAME),
+  # any TFDS name prepared in ArrayRecord format (python -m bcdnet_jax prepare NAME),
   # "digits", or "folder:/path/to/images" (path/<split>/<class>/<image>, any PIL format)
   c.dataset = "imagenet2012"
   c.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)

@@ -56,7 +56,7 @@ def fixture_expected(name):
 
 
 def tiny_spec(stage, **kw):
-  from bcdnet_jax import models
+  from bcdnet_jax.nn import models
   return models.get_spec("bcdnet_a", stage=stage, num_classes=10, channels=TINY_CHANNELS,
                          **kw)
 
@@ -77,7 +77,7 @@ def digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted():
   """name -> (model, numpy state dict) for both fixtures, converted once per session."""
-  from bcdnet_jax import convert
+  from bcdnet_jax.interop import convert
   out = {}
   for name, stage in STAGES.items():
     sd = convert.read_torch_checkpoint(fixture_ckpt(name))
@@ -88,7 +88,8 @@ def converted():
 
 def small_artefact(tmp_path):
   """A tiny stage-2 BCDNet-A exported to tmp_path/small.bcdnet (3 classes)."""
-  from bcdnet_jax import export, models
+  from bcdnet_jax.deploy import export
+  from bcdnet_jax.nn import models
   model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
                               mlp_groups=1, mlp_group=["pw"])
   model.eval()

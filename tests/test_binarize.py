@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcdnet_jax import binarize
+from bcdnet_jax.nn import quantizers as binarize
 
 # Exact zeros, the boundary points -1, 0, 1 and values on every piece.
 X = np.array([-2.0, -1.0, -0.75, -0.5, -1e-7, 0.0, 1e-7, 0.25, 0.5, 0.999, 1.0, 1.5],

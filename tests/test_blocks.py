@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcdnet_jax import binarize, blocks, convert, export, models, packed
+from bcdnet_jax.deploy import export, packed
+from bcdnet_jax.interop import convert
+from bcdnet_jax.nn import blocks, models
+from bcdnet_jax.nn import quantizers as binarize
 
 BINARY_PRESETS = [n for n in models.PRESETS if n != "resnet50"]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcdnet_jax import checkpoint, models
+from bcdnet_jax import checkpoint
+from bcdnet_jax.nn import models
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import ml_collections
 import pytest
 from helpers.configs import small_config
 
-from bcdnet_jax import config as config_lib
-from bcdnet_jax import train
+from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import trainer as train
 from configs import default, digits, imagenet, stage1, stage2
 
 # One out-of-range or wrong-type value per field of configs/default.py.
@@ -149,7 +149,7 @@ def test_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
 
 
 def test_predict_arguments_follow_the_same_rules():
-  from bcdnet_jax import config
+  from bcdnet_jax.train import config
   config.check_preprocessing(0, 0.0, recorded_allowed=True)
   with pytest.raises(config.ConfigError, match=r"--crop_ratio: must be in \(0, 1\]"):
     config.check_preprocessing(0, 2.0, names=("--image_size", "--crop_ratio"),

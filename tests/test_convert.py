@@ -12,7 +12,9 @@ torch = pytest.importorskip("torch")
 
 from conftest import STAGES, TINY_CHANNELS, fixture_ckpt, fixture_expected, nhwc, tiny_spec  # noqa: E402
 
-from bcdnet_jax import checkpoint, convert, models, torch_ref  # noqa: E402
+from bcdnet_jax import checkpoint  # noqa: E402
+from bcdnet_jax.interop import convert, torch_ref  # noqa: E402
+from bcdnet_jax.nn import models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OVERRIDE = "channels=" + str(TINY_CHANNELS).replace(" ", "")

@@ -197,7 +197,7 @@ def _save(path, fmt, mode="RGB", **kw):
 def test_folder_dataset_of_bmp_gif_webp_trains(tmp_path):
   from helpers.configs import small_config
 
-  from bcdnet_jax import train
+  from bcdnet_jax.train import trainer as train
   root = tmp_path / "imgs"
   for split in ("train", "val"):
     for c in ("cat", "dog"):
@@ -216,7 +216,9 @@ _NO_TF = r"""
 import json, os, sys
 sys.path.insert(0, os.path.join({root!r}, "tests"))
 from helpers.configs import small_config
-from bcdnet_jax import export, predict, train
+from bcdnet_jax.deploy import export
+from bcdnet_jax.deploy import predict
+from bcdnet_jax.train import trainer as train
 wd, tmp, data_dir = {wd!r}, {tmp!r}, {data_dir!r}
 res = train.train_and_evaluate(small_config(data_dir, num_train_steps=1), wd)
 ev = train.evaluate(small_config(data_dir, mode="eval", checkpoint=wd), tmp + "/ev")

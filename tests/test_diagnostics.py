@@ -12,7 +12,11 @@ import pytest
 from flax import nnx
 from helpers.configs import small_config
 
-from bcdnet_jax import binarize, diagnostics, models, summary, train
+from bcdnet_jax import summary
+from bcdnet_jax.nn import models
+from bcdnet_jax.nn import quantizers as binarize
+from bcdnet_jax.train import diagnostics
+from bcdnet_jax.train import trainer as train
 from configs import default
 
 TINY = dict(channels=(8, 16), mlp_groups=1, mlp_group=("lsr", "pw"))
@@ -236,7 +240,7 @@ def test_diagnostics_leave_training_unchanged_and_are_written(tmp_path, digits_d
 
 
 def test_histograms_of_a_diverging_run_are_written(tmp_path):
-  from bcdnet_jax import metric_writer
+  from bcdnet_jax.train import metric_writer
   w = metric_writer.MetricWriter(str(tmp_path))
   w.histogram(1, "huge", np.full(8, 1e35))  # beyond TensorBoard's own bins
   w.histogram(1, "mixed", np.array([-3e36, 1.0, np.inf]))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcdnet_jax import checkpoint, distributed
+from bcdnet_jax import checkpoint
+from bcdnet_jax.train import distributed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,7 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
 
   from helpers.configs import small_config
 
-  from bcdnet_jax import train
+  from bcdnet_jax.train import trainer as train
   job = str(random.randint(10_000, 99_999))
   runs = {n: str(tmp_path / n) for n in ("one", "eight", "four", "multi")}
   procs = [launch(runs["multi"], digits_dir, 4, 2, env_extra={

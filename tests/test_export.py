@@ -17,7 +17,8 @@ import pytest
 from conftest import fixture_expected, nhwc, small_artefact
 from flax import nnx
 
-from bcdnet_jax import export, models, packed, predict
+from bcdnet_jax.deploy import export, packed, predict
+from bcdnet_jax.nn import models
 
 ATOL = 1e-5
 

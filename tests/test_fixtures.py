@@ -11,7 +11,7 @@ import pytest
 from conftest import STAGES, fixture_expected, nhwc
 from flax import nnx
 
-from bcdnet_jax import convert
+from bcdnet_jax.interop import convert
 
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -82,7 +82,7 @@ def test_torch_reference_reproduces_fixtures(name):
   torch = pytest.importorskip("torch")
   from conftest import fixture_ckpt, tiny_spec
 
-  from bcdnet_jax import torch_ref
+  from bcdnet_jax.interop import torch_ref
   e = fixture_expected(name)
   ref = torch_ref.build(tiny_spec(STAGES[name]))
   raw = torch.load(fixture_ckpt(name), map_location="cpu", weights_only=True)["model"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcdnet_jax import layers
+from bcdnet_jax.nn import layers
 
 
 def test_batchnorm_matches_torch_semantics():

@@ -5,7 +5,7 @@ import pytest
 from conftest import TINY_CHANNELS
 from flax import nnx
 
-from bcdnet_jax import models
+from bcdnet_jax.nn import models
 
 forward = nnx.jit(lambda m, x: m(x))
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import small_artefact
 
-from bcdnet_jax import export, models, packed
+from bcdnet_jax.deploy import export, packed
+from bcdnet_jax.nn import models
 
 
 def test_xnor_popcount_conv_is_the_exact_integer_conv():

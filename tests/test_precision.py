@@ -10,7 +10,9 @@ from flax import nnx
 from helpers.configs import small_config
 from jax.extend import core as jcore
 
-from bcdnet_jax import checkpoint, models, precision, train
+from bcdnet_jax import checkpoint
+from bcdnet_jax.nn import models, precision
+from bcdnet_jax.train import trainer as train
 from configs import default
 
 
@@ -191,7 +193,7 @@ def test_bfloat16_policy_saves_activations_for_the_backward_in_bfloat16(capsys):
 
 
 def test_mixed_prelu_gradients_equal_float32_autodiff():
-  from bcdnet_jax import layers
+  from bcdnet_jax.nn import layers
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 5, 8)), jnp.bfloat16)
   slope = jnp.asarray(np.random.default_rng(4).uniform(0.1, 0.4, 8), jnp.float32)
   g = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.bfloat16)

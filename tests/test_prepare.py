@@ -154,7 +154,7 @@ def test_convert_from_tfrecord_copies_records(tmp_path, capsys):
   name = "tiny_tfrecord_set"  # found by its files: the class is not registered
   with pytest.raises(sources.DataError) as info:
     sources.open_source(name, "train", data_dir)
-  assert (f"python -m bcdnet_jax.prepare --convert_from_tfrecord {name} "
+  assert (f"python -m bcdnet_jax prepare --convert_from_tfrecord {name} "
           f"--data_dir={data_dir}") in str(info.value)
   assert prepare.main([name, f"--data_dir={data_dir}"]) == 2  # prepare refers to it too
   assert "in tfrecord format" in capsys.readouterr().err
@@ -173,7 +173,7 @@ def test_convert_from_tfrecord_copies_records(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_entry_point_reports_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "bcdnet_jax.prepare", "imagenet2012",
+  out = subprocess.run([sys.executable, "-m", "bcdnet_jax", "prepare", "imagenet2012",
                         f"--data_dir={tmp_path}"], capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 2

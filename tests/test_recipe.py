@@ -14,7 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers.configs import small_config
 
-from bcdnet_jax import checkpoint, models, predict, runtime, train
+from bcdnet_jax import checkpoint, runtime
+from bcdnet_jax.deploy import predict
+from bcdnet_jax.nn import models
+from bcdnet_jax.train import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -244,7 +247,7 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path, digits_dir):
 
 
 def test_metrics_jsonl_holds_each_step_once_after_a_resume(tmp_path):
-  from bcdnet_jax import metric_writer
+  from bcdnet_jax.train import metric_writer
   w = metric_writer.MetricWriter(str(tmp_path))
   for step in range(1, 6):
     w.scalars(step, {"loss": float(step)})

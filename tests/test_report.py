@@ -13,7 +13,8 @@ import pytest
 from helpers.configs import small_config
 from PIL import Image
 
-from bcdnet_jax import report, train
+from bcdnet_jax.train import report
+from bcdnet_jax.train import trainer as train
 
 LAYERS = ["features.1.conv3x3", "features.1.pw", "mlp.0.0.token_mlp"]
 SIGNS = ["features.1.act1", "features.1.act2"]

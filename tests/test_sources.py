@@ -136,7 +136,7 @@ def test_not_prepared_names_the_prepare_command(tmp_path):
   msg = str(info.value)
   assert "not prepared" in msg and "\n" not in msg
   manual = os.path.join(str(tmp_path), "downloads", "manual")
-  assert (f"python -m bcdnet_jax.prepare imagenet2012 --data_dir={tmp_path} "
+  assert (f"python -m bcdnet_jax prepare imagenet2012 --data_dir={tmp_path} "
           f"--manual_dir={manual}") in msg
   assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
   with pytest.raises(sources.DataError) as info:

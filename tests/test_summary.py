@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from bcdnet_jax import models, summary
+from bcdnet_jax import summary
+from bcdnet_jax.nn import models
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,14 @@ def test_stage1_has_no_binary_weights():
 
 @pytest.mark.slow
 def test_cli_json_last_line():
-  proc = subprocess.run([sys.executable, "-m", "bcdnet_jax.summary", "--arch", "bcdnet_a",
+  proc = subprocess.run([sys.executable, "-m", "bcdnet_jax", "summary", "--arch", "bcdnet_a",
                          "--stage", "2", "--json"], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   for key in ("params", "bops", "flops", "ops", "size_bytes_packed", "size_bytes_fp32"):
     assert key in r
   assert r["bops"] == 4_816_896_000
-  table = subprocess.run([sys.executable, "-m", "bcdnet_jax.summary", "--arch", "reactnet_a",
+  table = subprocess.run([sys.executable, "-m", "bcdnet_jax", "summary", "--arch", "reactnet_a",
                           "--stage", "2", "--image_size", "224"], capture_output=True,
                          text=True).stdout
   assert "features.13.pw" in table and "BOPs" in table

@@ -17,7 +17,10 @@ import pytest
 from flax import nnx
 from helpers.configs import small_config
 
-from bcdnet_jax import checkpoint, convert, data, models, preprocessing, train
+from bcdnet_jax import checkpoint, data, preprocessing
+from bcdnet_jax.interop import convert
+from bcdnet_jax.nn import models
+from bcdnet_jax.train import trainer as train
 from configs import stage1, stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +94,7 @@ def test_losses_match_torch():
 
 
 def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
-  from bcdnet_jax import config as config_lib
+  from bcdnet_jax.train import config as config_lib
   cases = [(dict(batch_size=-8), "config.batch_size: must be a positive"),
            (dict(batch_size=10), None),
            (dict(num_train_steps=0, num_epochs=0.0), "config.num_train_steps")]
@@ -363,7 +366,8 @@ def test_eval_dataset_names_and_missing_real_hint():
 def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_dir):
   """The recorded preprocessing (16 px here) is the default of eval, export and predict:
   all three give the training run's accuracy without any size flag."""
-  from bcdnet_jax import export, predict, preprocessing
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.deploy import export, predict
   from configs import eval as eval_config
   wd = str(tmp_path / "run")
   res = train.train_and_evaluate(small_config(digits_dir, num_train_steps=4), wd)

@@ -1,8 +1,8 @@
-"""`bcdnet-prepare` (`python -m bcdnet_jax.prepare`): data sets in ArrayRecord format.
+"""`bcdnet-prepare` (`python -m bcdnet_jax prepare`): data sets in ArrayRecord format.
 
-    python -m bcdnet_jax.prepare imagenet2012 --data_dir=DIR [--manual_dir=DIR/downloads/manual]
-    python -m bcdnet_jax.prepare imagenet_v2 imagenet2012_real digits --data_dir=DIR
-    python -m bcdnet_jax.prepare --convert_from_tfrecord imagenet2012 --data_dir=DIR
+    python -m bcdnet_jax prepare imagenet2012 --data_dir=DIR [--manual_dir=DIR/downloads/manual]
+    python -m bcdnet_jax prepare imagenet_v2 imagenet2012_real digits --data_dir=DIR
+    python -m bcdnet_jax prepare --convert_from_tfrecord imagenet2012 --data_dir=DIR
 
 Builds TFDS data sets in ArrayRecord format (random access: what `data.sources` reads) with
 TFDS' own builders and no Apache Beam: `imagenet2012` from image-net.org's
@@ -166,7 +166,7 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
       return builder.data_dir
     raise DataError(f"{dataset} is prepared in {builder.info.file_format.value} format in "
                     f"{builder.data_dir}; convert it (images are copied, not re-encoded): "
-                    f"`python -m bcdnet_jax.prepare --convert_from_tfrecord {dataset} "
+                    f"`python -m bcdnet_jax prepare --convert_from_tfrecord {dataset} "
                     f"--data_dir={root}`")
   manual = manual_dir or default_manual_dir(root)
   check_manual(dataset, manual)

@@ -10,7 +10,7 @@ through `__getitems__`) whose records are
 
 Three kinds, chosen by the name given to `open_source`:
 - a TFDS name ("imagenet2012", "imagenet_v2/matched-frequency", "imagenet2012_real", any
-  other) prepared in ArrayRecord format (`python -m bcdnet_jax.prepare NAME`), read through
+  other) prepared in ArrayRecord format (`python -m bcdnet_jax prepare NAME`), read through
   `tfds.data_source` with the image left encoded (`tfds.decode.SkipDecoding`). Reading does
   not import TensorFlow.
 - "digits": scikit-learn's handwritten digits as 32x32 RGB PNGs, prepared through TFDS in
@@ -46,7 +46,7 @@ def default_data_dir() -> str:
 def prepare_command(dataset: str, data_dir: str | None) -> str:
   """The exact command that prepares `dataset` in ArrayRecord format under `data_dir`."""
   root = data_dir or default_data_dir()
-  cmd = f"python -m bcdnet_jax.prepare {dataset} --data_dir={root}"
+  cmd = f"python -m bcdnet_jax prepare {dataset} --data_dir={root}"
   if manual_tars(dataset):
     cmd += f" --manual_dir={os.path.join(root, 'downloads', 'manual')}"
   return cmd
@@ -238,7 +238,7 @@ def open_tfds(dataset: str, split: str, data_dir: str | None) -> TfdsSource:
     raise DataError(
         f"dataset {dataset!r} at {builder.data_dir} is prepared in {have or 'an unknown'} "
         "format only, without random access; convert it (images are copied, not re-encoded): "
-        f"`python -m bcdnet_jax.prepare --convert_from_tfrecord {dataset} "
+        f"`python -m bcdnet_jax prepare --convert_from_tfrecord {dataset} "
         f"--data_dir={data_dir or default_data_dir()}`")
   splits = sorted(builder.info.splits)
   unknown = [s for s in _split_names(split) if s not in splits]
@@ -517,7 +517,7 @@ def open_source(dataset: str, split: str, data_dir: str | None) -> Source:
   `dataset`: a TFDS name prepared in ArrayRecord format under `data_dir` (default
   $TFDS_DATA_DIR or ~/tensorflow_datasets), "digits" (prepared there on first use) or
   "folder:/root". Raises `DataError` (one line) for an unknown name, a data set not
-  prepared (naming the `python -m bcdnet_jax.prepare` command and the ImageNet archives it
+  prepared (naming the `python -m bcdnet_jax prepare` command and the ImageNet archives it
   needs), one prepared only in TFRecord format (naming the conversion command), an unknown
   split (listing the splits), or a folder tree that breaks `check_folder` or holds files
   that are not images.

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from bcdnet_jax import models, torch_ref
+from bcdnet_jax.interop import torch_ref
+from bcdnet_jax.nn import models
 
 
 def random_released_checkpoint(spec: models.ModelSpec, path: str, seed: int) -> dict:

@@ -28,7 +28,8 @@ def main():
       signal_at = int(value)
     else:
       opts[key] = value
-  from bcdnet_jax import distributed, train
+  from bcdnet_jax.train import distributed
+  from bcdnet_jax.train import trainer as train
   train.setup_logging()
   distributed.initialize(opts.get("coordinator_address"),
                          int(opts["num_processes"]) if "num_processes" in opts else None,

@@ -119,7 +119,7 @@ def record_sign_inputs(with_sites: bool = False):
   """Collects the input of every binary activation's sign computed while active.
 
   Used to count the binary activations that flip between two precisions of the same
-  model (`convert.self_check`), and by `bcdnet_jax.diagnostics` (`with_sites=True`: the
+  model (`convert.self_check`), and by `bcdnet_jax.train.diagnostics` (`with_sites=True`: the
   list holds (module, input) pairs, the module being the `BinaryActivation` that signs);
   under `jit` the list holds tracers, to be returned.
   """

@@ -1,10 +1,10 @@
-"""Top-5 ImageNet classes of image files from a deploy artefact (`bcdnet_jax.export`).
+"""Top-5 ImageNet classes of image files from a deploy artefact (`bcdnet_jax.deploy.export`).
 
 Images get the evaluation preprocessing of training (`data.transforms.eval_transform`: PIL,
 shorter side to 256, centre crop 224; then `preprocessing.normalize`), so predictions are
 those the evaluation measures.
 
-    python -m bcdnet_jax.predict --model model.bcdnet image.jpg [more.png ...]
+    python -m bcdnet_jax predict --model model.bcdnet image.jpg [more.png ...]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def predict(model, images: np.ndarray, *, path: str = "packed", k: int = 5):
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="deploy artefact (bcdnet_jax.export)")
+  p.add_argument("--model", required=True, help="deploy artefact (bcdnet_jax.deploy.export)")
   p.add_argument("--path", default="packed", choices=["packed", "int8", "float"])
   p.add_argument("--top", type=int, default=5, help="classes to show (1 or more)")
   p.add_argument("--image_size", type=int, default=0,
@@ -126,7 +126,10 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   if a.top < 1:
     p.error(f"--top must be 1 or more, got {a.top}")
-  from bcdnet_jax import config, export, models, preprocessing
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.deploy import export
+  from bcdnet_jax.nn import models
+  from bcdnet_jax.train import config
   try:
     # the rules of training and evaluation, before the model is loaded or compiled
     config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",

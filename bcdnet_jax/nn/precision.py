@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bcdnet_jax import binarize, models
+from bcdnet_jax.nn import models
+from bcdnet_jax.nn import quantizers as binarize
 
 
 @nnx.jit

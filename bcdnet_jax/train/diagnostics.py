@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bcdnet_jax import binarize, blocks, layers, models
+from bcdnet_jax.nn import blocks, layers, models
+from bcdnet_jax.nn import quantizers as binarize
 
 log = logging.getLogger("bcdnet_jax")
 

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bcdnet_jax import binarize, blocks
-from bcdnet_jax.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
+from bcdnet_jax.nn import blocks
+from bcdnet_jax.nn import quantizers as binarize
+from bcdnet_jax.nn.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
 
 BCDNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 1024)
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bcdnet_jax import binarize
-from bcdnet_jax.layers import (
+from bcdnet_jax.nn import quantizers as binarize
+from bcdnet_jax.nn.layers import (
   BatchNorm,
   BinaryConv,
   Conv,

@@ -28,23 +28,17 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bcdnet_jax import checkpoint, errors, fileio, metric_writer, models, preprocessing, runtime
-from bcdnet_jax import config as config_lib
+from bcdnet_jax import checkpoint, errors, fileio, preprocessing, runtime
+from bcdnet_jax import log as log_lib
+from bcdnet_jax.nn import models
+from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import metric_writer
 
 # `bcdnet_jax.data` (Grain, PIL, TFDS data sources; no TensorFlow) is imported inside the
 # functions that build pipelines, so the steps, losses and optimiser import only JAX.
 
-log = logging.getLogger("bcdnet_jax")
-
-
-def setup_logging(level=logging.INFO):
-  """Our progress lines on stderr; the libraries' INFO chatter (orbax, absl) stays quiet."""
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-  log.setLevel(level)
-  log.propagate = False
+log = log_lib.logger
+setup_logging = log_lib.setup
 
 
 ConfigError = config_lib.ConfigError  # the error type of every config check
@@ -127,7 +121,7 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None, diagnosti
   `batch["image"]` is uint8 NHWC, normalised here (`preprocessing.normalize`, ImageNet's
   mean/std as the recipe's `Normalize`); the teacher sees the same normalised batch.
   """
-  from bcdnet_jax import diagnostics as diag_lib
+  from bcdnet_jax.train import diagnostics as diag_lib
   smoothing = config.label_smoothing
 
   def train_step(state, batch, teacher_state, diag=None):
@@ -578,7 +572,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _make_p_train(config, rt, plan, train_def, tx, teacher_def, state, start_step):
   """(jitted step `(state, batch, teacher_state) -> (state, metrics)`, the
   `diagnostics.Monitor` behind it or None when `config.diagnostics_every_steps` is off)."""
-  from bcdnet_jax import diagnostics
+  from bcdnet_jax.train import diagnostics
   every = diagnostics.resolve_every(config)
   if not every:
     return rt.jit_train_step(make_train_step(train_def, tx, config, teacher_def)), None
@@ -929,7 +923,7 @@ def _final_sets(config, model_dir: str, workdir: str) -> dict:
 def write_report(workdir: str) -> str | None:
   """`bcdnet-report`'s plots and page of `workdir` in workdir/report; a report that
   cannot be made is a warning, not a failed run (the training results are written)."""
-  from bcdnet_jax import report
+  from bcdnet_jax.train import report
   try:
     index = report.build(workdir)
   except Exception as e:  # noqa: BLE001 - plotting must not fail a finished training

@@ -1,4 +1,4 @@
-"""Export a stage-2 model to a 1-bit deploy artefact (`bcdnet_jax.packed` runs it).
+"""Export a stage-2 model to a 1-bit deploy artefact (`bcdnet_jax.deploy.packed` runs it).
 
 What is folded, and why each fold is exact in exact arithmetic:
 - a binary conv and the BatchNorm after it: BN(mean|W| * D + beta) = k * D + g * beta + c
@@ -12,7 +12,7 @@ sign bits (`<conv>.zeros`), so the file grows by 4 bytes per zero weight, not by
 Real-valued tensors are float32, or float16 with `real_dtype='float16'` (computed in
 float32 after loading).
 
-    python -m bcdnet_jax.export --checkpoint DIR --out model.bcdnet [--float16] [--verify]
+    python -m bcdnet_jax export --checkpoint DIR --out model.bcdnet [--float16] [--verify]
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcdnet_jax import errors, fileio, packed, preprocessing
-from bcdnet_jax.packed import ArtefactError, DeployModel, pack_bits
+from bcdnet_jax import errors, fileio, preprocessing
+from bcdnet_jax.deploy import packed
+from bcdnet_jax.deploy.packed import FORMAT, ArtefactError, DeployModel, load_packed, pack_bits
 
-FORMAT = "bcdnet-jax-deploy"
+__all__ = ["FORMAT", "ArtefactError", "ExportError", "export_checkpoint", "export_model",
+           "load_packed", "verify"]
 REAL_DTYPES = ("float32", "float16")
 
 
@@ -154,7 +156,7 @@ def _fold_token_mlp(convs, kind):
 def fold_functions() -> dict[type, Callable]:
   """Module class -> fold function (imports the model modules lazily: the runtime needs
   neither)."""
-  from bcdnet_jax import blocks, models
+  from bcdnet_jax.nn import blocks, models
   return {models.Stem: _fold_stem, blocks.BasicBlock: _fold_basic,
           blocks.ResNet18Block: _fold_r18,
           blocks.LongShortRangeBlock: _fold_token_mlp(
@@ -222,7 +224,7 @@ def deploy_size_bytes(spec, *, abstract=None) -> dict[str, dict]:
   position, plus one table entry and alignment per conv that has any) and an empty
   `source` path in the header (`export_model`'s default).
   """
-  from bcdnet_jax import models
+  from bcdnet_jax.nn import models
   _check_exportable(spec)
   program, shapes = deploy_tensors(abstract if abstract is not None
                                    else models.abstract_model(spec), abstract=True)
@@ -323,18 +325,6 @@ def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:
                       preprocess=checkpoint.read_preprocessing(checkpoint_dir), **kw)
 
 
-def load_packed(path: str) -> DeployModel:
-  """Loads an artefact: returns `f(x, path='packed')`, float32 NHWC (normalised) -> logits.
-
-  `path` is 'packed' (XNOR-popcount), 'int8' or 'float'. Raises `ArtefactError` on a
-  missing, truncated or corrupted file or an inconsistent architecture header.
-  """
-  header, tensors = packed.read(path)
-  if header.get("format") != FORMAT:
-    raise ArtefactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-  return DeployModel(header, tensors, path)
-
-
 def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
            seed: int = 0) -> dict:
   """Largest |logit difference| of each path against the float model, and top-1 agreement.
@@ -343,7 +333,7 @@ def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
   it was trained with), the arithmetic of the artefact's real-valued parts."""
   from flax import nnx
 
-  from bcdnet_jax import models
+  from bcdnet_jax.nn import models
   model = models.set_dtype_policy(nnx.clone(model), "float32")
   model.eval()
   x = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size,

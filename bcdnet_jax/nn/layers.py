@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bcdnet_jax import binarize
+from bcdnet_jax.nn import quantizers as binarize
 
 # PyTorch's default init for conv and linear weights: kaiming_uniform(a=sqrt(5)), which is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)).

@@ -73,7 +73,7 @@ def crop_ratio_ok(v, recorded_allowed: bool) -> bool:
 
 
 def _models():
-  from bcdnet_jax import models  # jax: only when a config is checked
+  from bcdnet_jax.nn import models  # jax: only when a config is checked
   return models
 
 

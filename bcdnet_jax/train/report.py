@@ -1,6 +1,6 @@
 """A static report of a training workdir: PNG plots and one HTML page that shows them.
 
-    python -m bcdnet_jax.report WORKDIR [--out DIR]      (console script: bcdnet-report)
+    python -m bcdnet_jax report WORKDIR [--out DIR]      (console script: bcdnet-report)
 
 Reads what training writes (`metrics.jsonl`, `diagnostics.jsonl`, `results.json`,
 `config.json`) in WORKDIR, or in each stage's subdirectory of a pipeline run (the digits
@@ -9,7 +9,7 @@ demo's `stage1/`, `stage2/`), and writes to DIR (default WORKDIR/report):
 - `training.png`: loss, accuracies (train heads; evaluations as points), learning rate
   and images/s over steps, every stage of a pipeline on one step axis (stage 2's step s
   drawn at stage 1's length + s) with the stage boundaries marked;
-- heat maps over steps, one row per layer (`bcdnet_jax.diagnostics`): `flip_ratio.png`
+- heat maps over steps, one row per layer (`bcdnet_jax.train.diagnostics`): `flip_ratio.png`
   (weight signs flipped since the previous diagnostics step, stage 2), `sign_balance.png`
   (fraction of +1 at each sign), `sign_band.png` (fraction of sign inputs with |x| < 1),
   `clip_fraction.png` (latent weights with |W| > 1), `grad_norm.png`; each only when the
@@ -31,7 +31,8 @@ import json
 import os
 import sys
 
-from bcdnet_jax import errors, metric_writer
+from bcdnet_jax import errors
+from bcdnet_jax.train import metric_writer
 
 TRAINING_PIXELS = (1200, 800)
 DPI = 100

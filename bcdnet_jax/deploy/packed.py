@@ -1,6 +1,6 @@
 """Deploy runtime: BCDNet inference from a folded artefact with 1-bit packed weights.
 
-The artefact (written by `bcdnet_jax.export`) holds a small program (the block sequence)
+The artefact (written by `bcdnet_jax.deploy.export`) holds a small program (the block sequence)
 and tensors: binary weights as sign bits packed 32 per uint32 word along the input
 channels, per-channel affines in which each binary conv's scale mean|W| and its BatchNorm
 are folded (y = k * D + c, D the integer ±1 dot product), the thresholds, RPReLUs, the
@@ -46,8 +46,8 @@ import numpy as np
 from bcdnet_jax import errors
 
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
-from bcdnet_jax.layers import conv as _conv
-from bcdnet_jax.layers import group_shift, long_range_shifts
+from bcdnet_jax.nn.layers import conv as _conv
+from bcdnet_jax.nn.layers import group_shift, long_range_shifts
 
 MAGIC = b"BCDNETJX"
 VERSION = 3  # 2: the checksum covers the header too; 3: zero weights as positions
@@ -55,6 +55,9 @@ ALIGN = 64
 PATHS = ("packed", "int8", "float")
 WORD = 32
 _CHUNK = 32  # words per step of the XNOR-popcount reduction
+
+
+FORMAT = "bcdnet-jax-deploy"  # the header's "format" field of every artefact
 
 
 class ArtefactError(errors.UserError):
@@ -398,7 +401,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     raise ArtefactError(f"{path}: cannot read the deploy artefact: {e}") from None
   if len(raw) < 16 or raw[:8] != MAGIC:
     raise ArtefactError(f"{path}: not a bcdnet-jax deploy artefact (no {MAGIC!r} magic; "
-                        "write one with `python -m bcdnet_jax.export`)")
+                        "write one with `python -m bcdnet_jax export`)")
   version, hlen = struct.unpack("<II", raw[8:16])
   if version != VERSION:
     raise ArtefactError(f"{path}: artefact format version {version}, this runtime reads "
@@ -591,3 +594,14 @@ def _zero_weight_correction(conv: str, wmask, out_features: int, in_features: in
   return {conv + ".zero_kernel": jnp.asarray(kernel),
           conv + ".zero_channels": jnp.asarray(channels.astype(np.int32))}
 
+
+def load_packed(path: str) -> DeployModel:
+  """Loads an artefact: returns `f(x, path='packed')`, float32 NHWC (normalised) -> logits.
+
+  `path` is 'packed' (XNOR-popcount), 'int8' or 'float'. Raises `ArtefactError` on a
+  missing, truncated or corrupted file or an inconsistent architecture header.
+  """
+  header, tensors = read(path)
+  if header.get("format") != FORMAT:
+    raise ArtefactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+  return DeployModel(header, tensors, path)

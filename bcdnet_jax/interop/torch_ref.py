@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcdnet_jax import models
+from bcdnet_jax.nn import models
 
 
 class _ApproxSign(torch.autograd.Function):

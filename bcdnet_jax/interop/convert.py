@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bcdnet_jax import errors, fileio, layers, models, precision
+from bcdnet_jax import errors, fileio
+from bcdnet_jax.nn import layers, models, precision
 
 
 class ConversionError(errors.UserError):
@@ -395,7 +396,7 @@ def self_check(model: nnx.Module, sd: Mapping[str, np.ndarray], *, image_size: i
   try:
     import torch
 
-    from bcdnet_jax import torch_ref
+    from bcdnet_jax.interop import torch_ref
   except ImportError:
     return {"status": "skipped", "reason": "torch is not installed"}
   if not torch_ref.has_reference(model.spec):
