@@ -89,12 +89,25 @@ def _unknown_field(e: KeyError, argv) -> str:
   key = found.group(1) if found else text
   flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
                and a.split("=", 1)[0].rsplit(".", 1)[-1] == key), f"config.{key}")
+  stage_field = re.match(r"--config\.pipeline\.([^.]+)\.(.+)", flag)
+  if stage_field and _is_config_field(stage_field.group(2)):
+    stage, field = stage_field.groups()
+    return (f"{flag}: {field} is a known field, but pipeline stage {stage} of this config "
+            f"does not set it, so it cannot be overridden there; --config.{field}=VALUE "
+            "sets it for every stage (the command line beats the stages' own values), or "
+            f"add it to the stage's overrides in {_config_arg(argv)[len('--config='):]}")
   if flag.startswith("--config.model.overrides."):
     return (f"{flag}: this config has no such override; model.overrides is set as a whole "
             "in a config file (configs/digits.py shows how) or through its existing keys")
   hint = re.search(r'Did you mean "([^"]+)"', text)
   more = f" (did you mean {hint.group(1)}?)" if hint else ""
   return f"{flag}: unknown field{more}; the fields are those of configs/default.py"
+
+
+def _is_config_field(name: str) -> bool:
+  """Whether `name` ('batch_size', 'model.stage') is a field of configs/default.py."""
+  from bcdnet_jax.train.config import FIELDS  # lazily: the config module imports this one
+  return name in FIELDS
 
 
 def config_overrides(argv) -> set[str]:
