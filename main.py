@@ -29,8 +29,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process)
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 flags.DEFINE_list("local_device_ids", None, "Devices of this process, e.g. 0,1,2,3.")
 flags.DEFINE_integer("heartbeat_timeout_s", 100,
-                     "A process silent this long is declared dead by JAX; ours tell the "
-                     "others (one line, exit code 75) after half of it.")
+                     "A process silent this long is declared dead by JAX; the others say "
+                     "so in one line (exit code 75) after a quarter of it.")
 flags.DEFINE_integer("initialization_timeout_s", 300,
                      "How long start-up waits for every process to register (multi-process).")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -97,7 +97,7 @@ def test_dead_process_fails_the_others_and_restart_resumes(tmp_path, digits_dir)
   wd = str(tmp_path / "run")
   port = str(random.randint(20_000, 40_000))
   common = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-            "--heartbeat_timeout_s", "5"]
+            "--heartbeat_timeout_s", "20"]
   start = time.time()
   survivor = launch(wd, digits_dir, 6, 2, *common, "--process_id", "0")
   victim = launch(wd, digits_dir, 6, 2, *common, "--process_id", "1", "--kill_at", "3")
@@ -105,10 +105,10 @@ def test_dead_process_fails_the_others_and_restart_resumes(tmp_path, digits_dir)
   rc, out = finish(survivor)
   assert rc_victim == -9
   assert time.time() - start < 300  # an error, not a hang
-  # one line naming the lost process, before JAX's own abort (after 5 s; ours after 2.5)
+  # one line naming the lost process, before JAX's own abort (~10 s of 20; ours after 5)
   assert rc == distributed.EXIT_PEER_LOST, out[-3000:]
   assert out.rstrip().splitlines()[-1] == (
-      "error: process 1 of 2 was lost (no sign of life for 2.5 s: killed, out of memory, or "
+      "error: process 1 of 2 was lost (no sign of life for 5 s: killed, out of memory, or "
       "its node failed); process 0 stops too; rerun the same command to resume from the "
       "last checkpoint"), out[-3000:]
   assert "Terminating process" not in out and "Traceback" not in out, out[-3000:]
