@@ -28,9 +28,9 @@ def main():
       signal_at = int(value)
     else:
       opts[key] = value
-  from bcdnet_jax.train import distributed
-  from bcdnet_jax.train import trainer as train
-  train.setup_logging()
+  from bcdnet_jax import log as log_lib
+  from bcdnet_jax.train import distributed, loop
+  log_lib.setup()
   distributed.initialize(opts.get("coordinator_address"),
                          int(opts["num_processes"]) if "num_processes" in opts else None,
                          int(opts["process_id"]) if "process_id" in opts else None,
@@ -51,7 +51,7 @@ def main():
       os.kill(os.getpid(), signal.SIGTERM)
 
   try:
-    res = train.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
+    res = loop.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
   except Exception:
     distributed.await_lost_peer()  # as main.py: a lost peer is one line
     raise
