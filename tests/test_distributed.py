@@ -198,9 +198,14 @@ START_UP = {  # name -> (flags, SLURM variables, the one line)
     "process_id_out_of_range": (["--process_id=5", "--num_processes=2",
                                  "--coordinator_address=localhost:1234"], {},
                                 "--process_id=5: must be in [0, 2) for --num_processes=2"),
-    "process_id_without_address": (["--process_id=5", "--num_processes=2"], {},
-                                   "--num_processes=2 --process_id=5: also give "
+    "process_id_alone_out_of_range": (["--process_id=5", "--num_processes=2"], {},
+                                      "--process_id=5: must be in [0, 2) for "
+                                      "--num_processes=2"),
+    "process_id_without_address": (["--process_id=1", "--num_processes=2"], {},
+                                   "--num_processes=2 --process_id=1: also give "
                                    "--coordinator_address"),
+    "negative_process_id": (["--process_id=-1"], {},
+                            "--process_id=-1: must be >= 0"),
     "bad_address": (["--process_id=0", "--num_processes=2", "--coordinator_address=node1"],
                     {}, "--coordinator_address=node1: must be HOST:PORT of process 0"),
     "timeout": (["--initialization_timeout_s=0"], {},

@@ -119,16 +119,18 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
   given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
            "--process_id": process_id}
   if coordinator_address is not None or (num_processes or 1) > 1 or process_id:
+    if num_processes is not None and num_processes < 1:
+      raise DistributedError(f"--num_processes={num_processes}: must be >= 1")
+    if process_id is not None and process_id < 0:
+      raise DistributedError(f"--process_id={process_id}: must be >= 0")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+      raise DistributedError(f"--process_id={process_id}: must be in [0, {num_processes}) "
+                             f"for --num_processes={num_processes}")
     missing = [k for k, v in given.items() if v is None]
     if missing:
       have = " ".join(f"{k}={v}" for k, v in given.items() if v is not None)
       raise DistributedError(f"{have}: also give {' and '.join(missing)} (every process "
                              "the same address and count, its own id; under srun give none)")
-    if num_processes < 1:
-      raise DistributedError(f"--num_processes={num_processes}: must be >= 1")
-    if not 0 <= process_id < num_processes:
-      raise DistributedError(f"--process_id={process_id}: must be in [0, {num_processes}) "
-                             f"for --num_processes={num_processes}")
     host, _, port = coordinator_address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
       raise DistributedError(f"--coordinator_address={coordinator_address}: must be "
