@@ -171,13 +171,37 @@ def apply_jitter(img: Image.Image, order, factors) -> Image.Image:
 
 # --- the training and evaluation transforms -------------------------------------------------
 
+def resize(img: Image.Image, size, box=None) -> Image.Image:
+  """PIL's BILINEAR `img.resize(size, box=box)` in the order of Pillow <= 12, on any Pillow.
+
+  Pillow <= 12, which the released models were trained and evaluated with, always resized
+  in two passes, horizontal then vertical, each rounded to uint8; Pillow 13 runs the
+  vertical pass first when the height shrinks much more than the width
+  (python-pillow/Pillow#9549), which moves 1 level on up to a quarter of the values. Here
+  the passes are two explicit one-dimension resizes: Pillow's `ImagingResampleInner` runs a
+  pass only along an axis whose size or box changes (`need_horizontal` /
+  `need_vertical`), so each call is exactly one of its passes, with the coefficients of
+  the two-dimension resize (they depend only on the axis's input size, box ends and output
+  size). `size` is (width, height); `box` (left, upper, right, lower) in input pixels,
+  default the whole image."""
+  w, h = img.size
+  out_w, out_h = size
+  x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+  if (out_w, x0, x1) != (w, 0, w):
+    img = img.resize((out_w, h), Image.BILINEAR, box=(x0, 0, x1, h))
+  if (out_h, y0, y1) != (h, 0, h):
+    img = img.resize((out_w, out_h), Image.BILINEAR, box=(0, y0, out_w, y1))
+  return img
+
+
 def crop_resize(img: Image.Image, window, size: int) -> Image.Image:
   """torchvision `resized_crop` on PIL: `crop` the (top, left, h, w) window, then
-  `resize((size, size), BILINEAR)` (PIL's filter taps clamp at the crop's edges)."""
+  `resize((size, size), BILINEAR)` in Pillow <= 12's order (`resize`; PIL's filter taps
+  clamp at the crop's edges)."""
   top, left, h, w = window
   img = img.crop((left, top, left + w, top + h))
   if img.size != (size, size):
-    img = img.resize((size, size), Image.BILINEAR)
+    img = resize(img, (size, size))
   return img
 
 
@@ -210,15 +234,15 @@ def eval_resize_size(image_size: int, crop_ratio: float) -> int:
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
   """torchvision `Resize(size)` on PIL: the shorter side becomes `size`, the longer
-  `int(size * long / short)` (Python floats, as torchvision), BILINEAR; no-op when the
-  size is already right."""
+  `int(size * long / short)` (Python floats, as torchvision), BILINEAR in Pillow <= 12's
+  order (`resize`); no-op when the size is already right."""
   w, h = img.size
   short, long = (w, h) if w <= h else (h, w)
   new_long = int(size * long / short)
   new_w, new_h = (size, new_long) if w <= h else (new_long, size)
   if (new_w, new_h) == (w, h):
     return img
-  return img.resize((new_w, new_h), Image.BILINEAR)
+  return resize(img, (new_w, new_h))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -263,7 +287,9 @@ def _resize_center_crop(img: Image.Image, resize: int, size: int) -> Image.Image
   So the horizontal pass of the whole image followed by the crop's columns, then the
   vertical pass of those columns followed by the crop's rows, gives the same pixels; a
   pass restricted to the crop by a box where `_exact_box` proves the coefficients equal
-  skips the other outputs. Equal to the reference on 100 % of values (tested)."""
+  skips the other outputs. Every `img.resize` here changes one axis only, so it is one of
+  PIL's passes (see `resize`), in Pillow <= 12's order on any Pillow. Equal to the
+  reference on 100 % of values (tested)."""
   w, h = img.size
   short, long = (w, h) if w <= h else (h, w)
   new_long = int(resize * long / short)

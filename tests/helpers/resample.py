@@ -1,0 +1,60 @@
+"""Pillow <= 12's BILINEAR resize in NumPy: the order the released models were trained and
+evaluated with (a horizontal pass, then a vertical one, each rounded to uint8).
+
+Written here from the definitions in Pillow's `src/libImaging/Resample.c`
+(`precompute_coeffs`, `normalize_coeffs_8bpc`, the 8 bpc passes): per output pixel a
+window of input pixels weighted by the triangle filter (support 1, widened by the
+down-scaling factor), the weights normalised to sum 1 in double, then turned into 22-bit
+fixed point and accumulated in integers with a half added before the shift. The box's ends
+are C floats (float32), as Pillow passes them.
+"""
+
+import numpy as np
+
+PRECISION_BITS = 32 - 8 - 2
+
+def coefficients(in_size: int, in0: float, in1: float, out_size: int) -> np.ndarray:
+  """int64 [out_size, in_size]: the fixed-point weights of one pass along one axis."""
+  in0, in1 = float(np.float32(in0)), float(np.float32(in1))
+  scale = filterscale = float(np.float32(in1) - np.float32(in0)) / out_size
+  filterscale = max(filterscale, 1.0)
+  support = 1.0 * filterscale
+  out = np.zeros((out_size, in_size), np.int64)
+  for xx in range(out_size):
+    center = in0 + (xx + 0.5) * scale
+    xmin = max(int(center - support + 0.5), 0)
+    xmax = min(int(center + support + 0.5), in_size) - xmin
+    w = [max(0.0, 1.0 - abs((x + xmin - center + 0.5) * (1.0 / filterscale)))
+         for x in range(xmax)]
+    total = _csum(w)
+    if total != 0.0:
+      w = [v / total for v in w]
+    for x, v in enumerate(w):
+      out[xx, xmin + x] = int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else \
+          int(0.5 + v * (1 << PRECISION_BITS))
+  return out
+
+def _csum(values) -> float:
+  """Left-to-right double sum, as the C loop `ww += w`."""
+  total = 0.0
+  for v in values:
+    total += v
+  return total
+
+def _pass(arr: np.ndarray, coeffs: np.ndarray, axis: int) -> np.ndarray:
+  """One pass along `axis` of uint8 HWC `arr`: rounded and clipped to uint8."""
+  acc = np.tensordot(coeffs, np.moveaxis(arr.astype(np.int64), axis, 0), axes=(1, 0))
+  out = np.clip((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS, 0, 255)
+  return np.moveaxis(out.astype(np.uint8), 0, axis)
+
+def released_resize(arr: np.ndarray, size, box=None) -> np.ndarray:
+  """uint8 [H, W, C] of uint8 [h, w, C] `arr`: `Image.resize(size, BILINEAR, box)` of
+  Pillow <= 12 (a pass only along an axis whose size or box changes)."""
+  h, w = arr.shape[:2]
+  out_w, out_h = size
+  x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+  if out_w != w or x0 or x1 != out_w:
+    arr = _pass(arr, coefficients(w, x0, x1, out_w), 1)
+  if out_h != h or y0 or y1 != out_h:
+    arr = _pass(arr, coefficients(h, y0, y1, out_h), 0)
+  return arr
