@@ -13,7 +13,7 @@ from PIL import Image
 from bcdnet_jax import preprocessing, runtime
 from bcdnet_jax.deploy import predict
 from bcdnet_jax.nn import models
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import step as train
 from configs import default
 
 MEAN, STD = preprocessing.MEAN_RGB, preprocessing.STDDEV_RGB
