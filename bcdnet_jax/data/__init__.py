@@ -24,10 +24,17 @@ from bcdnet_jax.data.loader import (
                                     train_batches,
 )
 from bcdnet_jax.data.order import EvalOrder, TrainOrder, epoch_permutation
-from bcdnet_jax.data.sources import DataError, Source, check_folder, check_images, open_source
+from bcdnet_jax.data.sources import (
+    DataError,
+    Source,
+    check_folder,
+    check_images,
+    check_labels,
+    open_source,
+)
 from bcdnet_jax.data.transforms import ImageDecodeError, eval_transform, train_transform
 
 __all__ = ["DataConfig", "DataError", "DevicePrefetch", "EVAL_SPLITS", "EvalOrder",
            "ImageDecodeError", "Source", "TrainOrder", "check_folder", "check_images",
-           "default_workers", "epoch_permutation", "eval_batches", "eval_transform",
+           "check_labels", "default_workers", "epoch_permutation", "eval_batches", "eval_transform",
            "open_source", "parse_eval_dataset", "train_batches", "train_transform"]

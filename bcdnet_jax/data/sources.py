@@ -88,6 +88,14 @@ class Source:
   def _getitems(self, indices) -> list[dict]:
     return self.__getitems__(indices)
 
+  def read_labels(self, indices) -> list:
+    """The labels of the records `indices` (ints, or int64 arrays for `multi_label`).
+    Reads the records; sources that hold their labels override it (no file read)."""
+    return [rec["label"] for rec in self.__getitems__(list(indices))]
+
+  # Whether `read_labels` of every record is cheap (labels held in memory, no image read)
+  labels_in_memory: bool = False
+
   def _check_index(self, index) -> int:
     i = int(index)
     if not 0 <= i < len(self):
@@ -158,8 +166,10 @@ class TfdsSource(Source):
     name = ex.get(self.name_key) if self.name_key else None
     if isinstance(name, bytes):
       name = name.decode("utf-8", "replace")
-    return {"image": bytes(ex["image"]), "label": label,
-            "name": name or f"{self.split}[{index}]"}
+    name = name or f"{self.split}[{index}]"
+    # `check_labels` samples a large split; a bad label it missed stops here, never scored
+    _check_label(self, label, name)
+    return {"image": bytes(ex["image"]), "label": label, "name": name}
 
   def __getitem__(self, index: int) -> dict:
     i = self._check_index(index)
@@ -486,6 +496,11 @@ class FolderSource(Source):
                       f"can open: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
                       "remove or replace them")
 
+  labels_in_memory = True
+
+  def read_labels(self, indices) -> list:
+    return [int(v) for v in self.labels[np.asarray(list(indices), np.int64)]]
+
   def __len__(self) -> int:
     return len(self.files)
 
@@ -527,6 +542,50 @@ def open_source(dataset: str, split: str, data_dir: str | None) -> Source:
   if dataset == "digits":
     return open_digits(split, data_dir)
   return open_tfds(dataset, split, data_dir)
+
+
+LABEL_SAMPLE = 1024  # records whose label `check_labels` reads in a large TFDS split
+LABEL_FULL_SCAN = 20_000  # splits up to this size have every label read
+
+
+def _check_label(source: Source, label, name: str) -> None:
+  """Raises `DataError` for a label outside [0, num_classes) (-1: TFDS's missing label)."""
+  values = np.asarray(label).reshape(-1)
+  bad = values[(values < 0) | (values >= source.num_classes)]
+  if not bad.size:
+    return
+  where = f"{source.dataset} split {source.split!r}"
+  if int(bad[0]) == -1:
+    raise DataError(f"{where} has no labels (record {name} has label -1, TFDS's missing "
+                    "label; e.g. imagenet2012's test split): it can be neither trained on "
+                    "nor scored; use a labelled split")
+  raise DataError(f"{where}: record {name} has label {int(bad[0])}, outside [0, "
+                  f"{source.num_classes}) of the data set's {source.num_classes} classes")
+
+
+def _label_indices(n: int, all_cheap: bool) -> np.ndarray:
+  """The records whose labels `check_labels` reads: all, or an even sample of a large split."""
+  if all_cheap or n <= LABEL_FULL_SCAN:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, LABEL_SAMPLE).round().astype(np.int64))
+
+
+def check_labels(source: Source) -> None:
+  """Raises `DataError` (one line: data set, split, record and value; "has no labels" for
+  -1, TFDS's missing label) when a label of `source` is outside [0, num_classes).
+
+  Cost: labels held in memory (folder trees) are all checked; a TFDS split of up to
+  `LABEL_FULL_SCAN` records has every record read, a larger one `LABEL_SAMPLE` records
+  spread evenly over it (ArrayRecord stores the label inside the record, with the image:
+  reading all of ImageNet's 1.28 M would read its 140 GB). An unlabelled TFDS split is -1
+  throughout, so the sample finds it; a stray bad label the sample misses stops the run
+  when its record is read (`TfdsSource`), never trained on or scored.
+  """
+  indices = _label_indices(len(source), source.labels_in_memory)
+  for start in range(0, len(indices), 256):
+    chunk = indices[start:start + 256]
+    for i, label in zip(chunk, source.read_labels(chunk)):
+      _check_label(source, label, f"{source.split}[{int(i)}]")
 
 
 def undecodable(source: Source, *, threads: int = 2) -> list[str]:

@@ -86,6 +86,8 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> Plan:
   data_dir = config.data_dir or None
   train_source = data.open_source(config.dataset, config.train_split, data_dir)
   eval_source = data.open_source(config.dataset, config.eval_split, data_dir)
+  for source in (train_source, eval_source):  # an unlabelled split (-1) trains silently
+    data.check_labels(source)
   if train_source.multi_label:
     raise ConfigError(f"config.dataset: {config.dataset!r} has label sets (ReaL), not one "
                       "class per image; train on imagenet2012 and evaluate on it")
