@@ -3,6 +3,7 @@ outside [0, num_classes) (TFDS's -1 of an unlabelled split), over-limit images, 
 folder trees, non-regular files, symlink loops."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from bcdnet_jax import checkpoint, errors
 from bcdnet_jax import train as train_lib
-from bcdnet_jax.data import sources
+from bcdnet_jax.data import sources, transforms
 from bcdnet_jax.nn import models
 
 
@@ -124,3 +125,120 @@ def test_evaluating_an_unlabelled_split_is_refused(unlabelled, tmp_path, capsys)
   assert code == 2 and len(lines) == 1
   assert lines[0].startswith("error: three_classes split 'test' has no labels")
   assert not wd.exists()
+
+
+# --- over-limit images (PIL's decompression-bomb guard) -------------------------------------
+
+def _header(fmt: str, w: int, h: int) -> bytes:
+  """A file whose header claims w x h px (RGB), with a few bytes of pixels."""
+  import struct
+  import zlib
+  if fmt == "BMP":
+    return (b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54)
+            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 2835, 2835, 0, 0) + b"\0" * 16)
+  if fmt == "PPM":
+    return f"P6\n{w} {h}\n255\n".encode() + b"\0" * 16
+  if fmt == "TGA":
+    return struct.pack("<BBBHHBHHHHBB", 0, 0, 2, 0, 0, 0, 0, 0, w, h, 24, 0) + b"\0" * 16
+  assert fmt == "PNG"
+
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(
+        ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _folder(root, big_name, big_bytes, split="val"):
+  """root/{train,val}/{cat,dog}/ with small PNGs; `big_name` written into val/dog."""
+  for s in ("train", "val"):
+    for c, v in (("cat", 10), ("dog", 200)):
+      os.makedirs(root / s / c, exist_ok=True)
+      for i in range(2):
+        (root / s / c / f"{i}.png").write_bytes(_png(v + i))
+  if big_name:
+    (root / split / "dog" / big_name).write_bytes(big_bytes)
+  return root
+
+
+@pytest.fixture(autouse=True)
+def _pil_limit():
+  """Each test starts and ends with PIL's default limit."""
+  transforms.set_max_image_pixels(0)
+  yield
+  transforms.set_max_image_pixels(0)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "PPM", "TGA"])
+def test_over_limit_file_in_the_folder_scan_is_one_line(tmp_path, capsys, fmt):
+  root = _folder(tmp_path, f"big.{fmt.lower()}", _header(fmt, 15000, 15000))
+  code, lines = _one_line(capsys, lambda: sources.open_source(f"folder:{root}", "val", None))
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0] == (f"error: image folder {root}/val: {root}/val/dog/big.{fmt.lower()}: "
+                      "225,000,000 pixels is over the limit of 178,956,970 pixels (PIL's "
+                      "guard against decompression bombs); for data sets with images this "
+                      "large set --config.max_image_pixels above it")
+  transforms.set_max_image_pixels(15000 * 15000)  # the config field lifts it
+  assert len(sources.open_source(f"folder:{root}", "val", None)) == 5
+
+
+def test_over_limit_png_in_check_images_names_the_reason(tmp_path, capsys):
+  root = _folder(tmp_path, "big.png", _header("PNG", 15000, 15000))
+  src = sources.open_source(f"folder:{root}", "val", None)  # a PNG signature: it enters
+  code, lines = _one_line(capsys, lambda: sources.check_images(src))
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith(f"error: folder:{root} split 'val': cannot decode image "
+                             "dog/big.png: 225,000,000 pixels is over the limit of "
+                             "178,956,970 pixels (PIL's guard")
+  assert "undecodable" not in lines[0]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_over_limit_image_refused_before_training_and_evaluation(tmp_path, capsys, mode):
+  root = _folder(tmp_path / "data", "big.bmp", _header("BMP", 15000, 15000))
+  wd = tmp_path / "wd"
+  if mode == "train":
+    c = small_config("", dataset=f"folder:{root}", train_split="train", eval_split="val")
+  else:
+    model = models.create_model("bcdnet_a", stage=2, num_classes=2, channels=[8, 16],
+                                mlp_groups=1, mlp_group=("lsr", "pw"))
+    checkpoint.save_model(model, str(tmp_path / "model"))
+    c = small_config("", mode="eval", checkpoint=str(tmp_path / "model"),
+                     dataset=f"folder:{root}", eval_split="val")
+  code, lines = _one_line(capsys, lambda: train_lib.run(c, str(wd)))
+  assert code == 2 and len(lines) == 1, lines
+  assert "big.bmp: 225,000,000 pixels is over the limit of 178,956,970" in lines[0]
+  assert not wd.exists()
+
+
+def test_over_limit_image_read_during_training_names_file_and_reason(tmp_path):
+  """Past the scan (a PNG signature; check_images off for the train split): the worker's
+  decode names the file and the limit."""
+  from bcdnet_jax import data
+  root = _folder(tmp_path, "big.png", _header("PNG", 15000, 15000), split="train")
+  src = sources.open_source(f"folder:{root}", "train", None)
+  cfg = data.DataConfig(image_size=16, workers=1)
+  order = data.TrainOrder(len(src), 5, 0)
+  with pytest.raises(transforms.ImageTooLargeError,
+                     match=r"dog/big\.png: 225,000,000 pixels is over the limit"):
+    list(data.train_batches(src, cfg, order, 0, 1))
+  cfg = data.DataConfig(image_size=16, workers=1, max_image_pixels=15000 * 15000)
+  with pytest.raises(transforms.ImageDecodeError) as e:  # the limit lifted in the worker:
+    list(data.train_batches(src, cfg, order, 0, 1))  # PIL now reads the (truncated) pixels
+  assert not isinstance(e.value, transforms.ImageTooLargeError)
+
+
+def test_large_image_under_the_limit_is_one_line_of_ours_once(caplog):
+  """A 100-megapixel image: PIL's own warning (once per read) is replaced by one line of
+  ours per file."""
+  import warnings
+  raw = _header("PNG", 10000, 10000)
+  with warnings.catch_warnings(record=True) as caught:
+    for _ in range(3):
+      with pytest.raises(transforms.ImageDecodeError):  # the header's pixels are missing
+        transforms.decode(raw, "huge.png")
+  assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+  ours = [r.getMessage() for r in caplog.records if "huge.png" in r.getMessage()]
+  assert ours == ["huge.png: 10000 x 10000 px (100 megapixels) is a very large image; "
+                  "decoding it (images over 178,956,970 pixels are refused; "
+                  "config.max_image_pixels raises the limit)"]

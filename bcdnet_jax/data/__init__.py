@@ -32,9 +32,15 @@ from bcdnet_jax.data.sources import (
     check_labels,
     open_source,
 )
-from bcdnet_jax.data.transforms import ImageDecodeError, eval_transform, train_transform
+from bcdnet_jax.data.transforms import (
+    ImageDecodeError,
+    eval_transform,
+    set_max_image_pixels,
+    train_transform,
+)
 
 __all__ = ["DataConfig", "DataError", "DevicePrefetch", "EVAL_SPLITS", "EvalOrder",
            "ImageDecodeError", "Source", "TrainOrder", "check_folder", "check_images",
-           "check_labels", "default_workers", "epoch_permutation", "eval_batches", "eval_transform",
-           "open_source", "parse_eval_dataset", "train_batches", "train_transform"]
+           "check_labels", "default_workers", "epoch_permutation", "eval_batches",
+           "eval_transform", "open_source", "parse_eval_dataset", "set_max_image_pixels",
+           "train_batches", "train_transform"]

@@ -359,6 +359,11 @@ def digits_builder(data_dir: str | None, prepare: bool = True):
     builder = _digits_builder_class()(data_dir=data_dir, file_format="array_record")
     prepared = builder.is_prepared()
   if prepare and not prepared:
+    # the one file set written outside the workdir: say where (the default is
+    # ~/tensorflow_datasets/digits, a --config.data_dir is created if missing)
+    import logging
+    logging.getLogger("bcdnet_jax").info(
+        "preparing the digits data set (1,797 images) in %s", builder.data_dir)
     try:
       with quiet_tfds(), quiet_absl():
         builder.download_and_prepare()
@@ -392,27 +397,50 @@ def _subdirs(path: str) -> list[str]:
                 if _visible(d) and os.path.isdir(os.path.join(path, d)))
 
 
-def _class_files(class_dir: str) -> list[str]:
-  """The visible files under `class_dir` (recursively, symlinks followed), as paths
-  relative to it, sorted."""
+def _inside(path: str, directory: str) -> bool:
+  return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _class_files(class_dir: str, root: str | None = None) -> list[str]:
+  """The visible files under `class_dir` (recursively), as paths relative to it, sorted.
+
+  Symbolic links to directories outside the image folder `root` are followed (images kept
+  elsewhere); a link to a directory that contains it (a loop: each image listed again at
+  every level until ELOOP) or to one inside `root` (`up -> ..` would list another class's
+  images under this one) raises `DataError` naming the link."""
+  root_real = os.path.realpath(root or class_dir)
   out = []
   for top, dirs, files in os.walk(class_dir, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if _visible(d))
+    keep = sorted(d for d in dirs if _visible(d))
+    for d in keep:
+      path = os.path.join(top, d)
+      if not os.path.islink(path):
+        continue
+      target = os.path.realpath(path)
+      loop = _inside(os.path.realpath(top), target)
+      if loop or _inside(target, root_real):
+        why = ("a directory that contains it (a loop)" if loop else
+               "a directory inside the image folder (its images would be listed twice or "
+               "under another class)")
+        raise DataError(f"image folder {class_dir}: {os.path.relpath(path, class_dir)} is a "
+                        f"symbolic link to {target}, {why}; remove the link")
+    dirs[:] = keep
     rel = os.path.relpath(top, class_dir)
     out += [f if rel == "." else os.path.join(rel, f) for f in files if _visible(f)]
   return sorted(out)
 
 
 def check_folder(root: str) -> None:
-  """An ImageFolder tree whose splits have the same classes, none of them without files;
-  the message names the classes at fault (the labels would not mean the same)."""
+  """An ImageFolder tree whose splits have the same classes (at least 2), none of them
+  without files; the message names the classes at fault (the labels would not mean the
+  same)."""
+  expected = f"expected {root}/<split>/<class>/<image file>"
   if not os.path.isdir(root):
-    raise DataError(f"image folder {root!r} does not exist (expected "
-                    f"{root}/<split>/<class>/<image file>)")
+    what = "is a file, not a directory" if os.path.exists(root) else "does not exist"
+    raise DataError(f"image folder {root!r} {what} ({expected})")
   splits = _subdirs(root)
   if not splits:
-    raise DataError(f"image folder {root}: no split directories (expected "
-                    f"{root}/<split>/<class>/<image file>)")
+    raise DataError(f"image folder {root}: no split directories ({expected})")
   classes = {}
   for split in splits:
     sdir = os.path.join(root, split)
@@ -420,7 +448,10 @@ def check_folder(root: str) -> None:
     if not names:
       raise DataError(f"image folder {sdir}: no class directories (expected "
                       f"{sdir}/<class>/<image file>)")
-    empty = [n for n in names if not _class_files(os.path.join(sdir, n))]
+    if len(names) < 2:  # it would train to loss 0 and score 100 % without a word
+      raise DataError(f"image folder {sdir}: one class directory ({names[0]}); a classifier "
+                      "needs at least 2 classes, one directory each")
+    empty = [n for n in names if not _class_files(os.path.join(sdir, n), root)]
     if empty:
       raise DataError(f"image folder {sdir}: class directories without images: "
                       f"{', '.join(empty[:10])}")
@@ -442,22 +473,42 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a",
                b"II*\x00", b"MM\x00*")
 
 
-def _is_image(path: str) -> bool:
-  """Whether the file starts like an image: a JPEG, PNG, GIF, TIFF or WebP signature, or
-  else PIL recognises its content (its header; the pixels are not decoded)."""
+NOT_AN_IMAGE = "not an image"
+
+
+def _image_problem(path: str) -> str | None:
+  """None when the file starts like an image: a JPEG, PNG, GIF, TIFF or WebP signature, or
+  else PIL recognises its content (its header; the pixels are not decoded). Otherwise why
+  not: `NOT_AN_IMAGE`, or a reason naming the file (not a regular file: a FIFO would block
+  the read forever; unreadable; over the pixel limit)."""
+  import stat
+
   from PIL import Image, UnidentifiedImageError
+
+  from bcdnet_jax.data import transforms
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return f"{path}: cannot be read ({e.strerror or e})"
+  if not stat.S_ISREG(mode):
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return f"{path} is {kind}, not a regular file; remove it from the image folder"
   try:
     with open(path, "rb") as f:
       head = f.read(16)
-  except OSError:
-    return False
+  except OSError as e:
+    return f"{path}: cannot be read ({e.strerror or e})"
   if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-    return True
+    return None
+  transforms.set_max_image_pixels(transforms._limit)  # noqa: SLF001 - PIL's warning: ours
   try:
     with Image.open(path):
-      return True
+      return None
+  except Image.DecompressionBombError as e:
+    return str(transforms._too_large(path, e)).removeprefix("cannot decode image ")  # noqa: SLF001
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-    return False
+    return NOT_AN_IMAGE
 
 
 class FolderSource(Source):
@@ -483,14 +534,18 @@ class FolderSource(Source):
     self.num_classes = len(self.classes)
     self.files, labels = [], []
     for label, name in enumerate(self.classes):
-      files = _class_files(os.path.join(sdir, name))
+      files = _class_files(os.path.join(sdir, name), root)
       self.files += [os.path.join(name, f) for f in files]
       labels += [label] * len(files)
     self.labels = np.asarray(labels, np.int64)
     paths = [os.path.join(sdir, f) for f in self.files]
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      ok = list(pool.map(_is_image, paths, chunksize=64))
-    bad = [f for f, good in zip(self.files, ok) if not good]
+      problems = list(pool.map(_image_problem, paths, chunksize=64))
+    named = [p for p in problems if p not in (None, NOT_AN_IMAGE)]
+    if named:
+      more = f" (and {len(named) - 1} more file(s) like it)" if len(named) > 1 else ""
+      raise DataError(f"image folder {sdir}: {named[0]}{more}")
+    bad = [f for f, p in zip(self.files, problems) if p == NOT_AN_IMAGE]
     if bad:
       raise DataError(f"image folder {sdir}: {len(bad)} file(s) that are not images PIL "
                       f"can open: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
@@ -588,10 +643,8 @@ def check_labels(source: Source) -> None:
       _check_label(source, label, f"{source.split}[{int(i)}]")
 
 
-def undecodable(source: Source, *, threads: int = 2) -> list[str]:
-  """The names of the records of `source` whose image `transforms.decode` (PIL, as
-  training and evaluation decode) cannot decode, in index order; every image is read and
-  decoded once (a thread pool: PIL releases the GIL while decoding)."""
+def _decode_problems(source: Source, threads: int) -> list[tuple[str, Exception]]:
+  """(name, ImageDecodeError) of every record whose image does not decode, in index order."""
   import importlib
   # the module itself, not a package attribute of the same name
   transforms = importlib.import_module("bcdnet_jax.data.transforms")
@@ -600,20 +653,35 @@ def undecodable(source: Source, *, threads: int = 2) -> list[str]:
     rec = source[i]
     try:
       transforms.decode(rec["image"], rec["name"])
-    except transforms.ImageDecodeError:
-      return rec["name"]
+    except transforms.ImageDecodeError as e:
+      return rec["name"], e
     return None
 
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    return [n for n in pool.map(check, range(len(source)), chunksize=32) if n is not None]
+    return [p for p in pool.map(check, range(len(source)), chunksize=32) if p is not None]
+
+
+def undecodable(source: Source, *, threads: int = 2) -> list[str]:
+  """The names of the records of `source` whose image `transforms.decode` (PIL, as
+  training and evaluation decode) cannot decode, in index order; every image is read and
+  decoded once (a thread pool: PIL releases the GIL while decoding)."""
+  return [name for name, _ in _decode_problems(source, threads)]
 
 
 def check_images(source: Source, *, threads: int = 2) -> None:
-  """Raises `DataError` naming the records of `source` whose image cannot be decoded (not
-  an image format PIL reads, empty or truncated)."""
-  bad = undecodable(source, threads=threads)
+  """Raises `DataError` naming the records of `source` whose image cannot be decoded: over
+  the pixel limit (the first named with its size and the limit, and how to raise it), or
+  else not an image format PIL reads, empty or truncated."""
+  from bcdnet_jax.data.transforms import ImageTooLargeError
+  problems = _decode_problems(source, threads)
+  large = [e for _, e in problems if isinstance(e, ImageTooLargeError)]
+  where = f"{source.dataset} split {source.split!r}"
+  if large:
+    more = f" ({len(large) - 1} more image(s) over the limit)" if len(large) > 1 else ""
+    raise DataError(f"{where}: {large[0]}{more}")
+  bad = [name for name, _ in problems]
   if bad:
-    raise DataError(f"{source.dataset} split {source.split!r}: {len(bad)} undecodable "
+    raise DataError(f"{where}: {len(bad)} undecodable "
                     f"image(s) (not an image PIL can decode, empty or truncated): "
                     f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; remove or "
                     "replace them")

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
+import re
+import threading
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -36,6 +40,69 @@ class ImageDecodeError(errors.UserError):
   """Bytes that PIL cannot open or decode; the message names the image and says why."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+  """An image over the pixel limit (PIL's decompression-bomb guard); the message names it,
+  its size and the limit, and how to raise the limit (`config.max_image_pixels`)."""
+
+
+# --- the pixel limit ------------------------------------------------------------------------
+
+# PIL warns above Image.MAX_IMAGE_PIXELS (89,478,485 px) and refuses twice that: a guard
+# against small files that decode to gigabytes. Our limit is the refusal (0: PIL's).
+PIL_WARN_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_limit = 0
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+log = logging.getLogger("bcdnet_jax")
+
+
+def max_image_pixels() -> int:
+  """The number of pixels above which an image is refused (`set_max_image_pixels`)."""
+  return _limit or 2 * PIL_WARN_PIXELS
+
+
+def set_max_image_pixels(limit: int = 0) -> None:
+  """Images over `limit` pixels are refused (`ImageTooLargeError`); 0: PIL's default,
+  178,956,970 (2 x Image.MAX_IMAGE_PIXELS). Sets PIL's process-wide limit, so the threads
+  decoding images follow it; the data workers call it with the run's
+  `config.max_image_pixels`. PIL's own DecompressionBombWarning is silenced in this process:
+  `decode` says it once per file in one line of ours instead."""
+  global _limit
+  limit = int(limit)
+  if limit < 0:
+    raise errors.UserError(f"config.max_image_pixels: must be >= 0 (0: PIL's limit of "
+                           f"{2 * PIL_WARN_PIXELS:,} pixels), got {limit}")
+  if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning
+             for f in warnings.filters):  # (a test harness may reset the filters)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+  _limit = limit
+  # PIL refuses above 2 x MAX_IMAGE_PIXELS (a float compares exactly: odd limits too)
+  Image.MAX_IMAGE_PIXELS = limit / 2 if limit else PIL_WARN_PIXELS
+
+
+def _too_large(name: str, e: Exception) -> ImageTooLargeError:
+  found = re.search(r"\((\d+) pixels\)", str(e))
+  size = f"{int(found.group(1)):,} pixels" if found else "its size"
+  return ImageTooLargeError(
+      f"cannot decode image {name}: {size} is over the limit of {max_image_pixels():,} "
+      "pixels (PIL's guard against decompression bombs); for data sets with images this "
+      "large set --config.max_image_pixels above it")
+
+
+def _warn_large(img: Image.Image, name: str) -> None:
+  """One line per file (per process) for an image above PIL's warning size under PIL's
+  default limit (its own warning is silenced: it came once per read, without the file)."""
+  if _limit or img.width * img.height <= PIL_WARN_PIXELS:
+    return
+  with _warn_lock:
+    if name in _warned:
+      return
+    _warned.add(name)
+  log.warning("%s: %d x %d px (%.0f megapixels) is a very large image; decoding it (images "
+              "over %s pixels are refused; config.max_image_pixels raises the limit)", name,
+              img.width, img.height, img.width * img.height / 1e6, f"{max_image_pixels():,}")
+
+
 # --- decoding -------------------------------------------------------------------------------
 
 def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
@@ -47,16 +114,21 @@ def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
   frame. The pixels are decoded here (not lazily), so a broken file fails now.
 
   Raises `ImageDecodeError` naming `name` when PIL cannot identify or fully decode the
-  bytes (empty, truncated, not an image).
+  bytes (empty, truncated, not an image); `ImageTooLargeError` (a subclass) for an image
+  over `max_image_pixels()`.
   """
+  set_max_image_pixels(_limit)  # PIL's warning silenced, our line instead (once)
   try:
     img = Image.open(io.BytesIO(raw))
+    _warn_large(img, name)
     if img.mode == "RGB":
       img.load()  # convert("RGB") of an RGB image is a copy of these same pixels
     else:
       img = img.convert("RGB")
   except MemoryError:
     raise
+  except Image.DecompressionBombError as e:
+    raise _too_large(name, e) from None
   except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
     if not raw:
       why = "empty file"

@@ -95,6 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               "config.image_size" if config.image_size else
                               f"the image size recorded in {config.checkpoint}")
   entries = eval_entries(config)
+  data.set_max_image_pixels(config.get("max_image_pixels", 0))  # the folder scans below
   sources = [data.open_source(name, split, config.data_dir or None) for name, split in entries]
   for (name, _), source in zip(entries, sources):  # all checked before any work
     if model.spec.num_classes != source.num_classes:
