@@ -242,3 +242,69 @@ def test_large_image_under_the_limit_is_one_line_of_ours_once(caplog):
   assert ours == ["huge.png: 10000 x 10000 px (100 megapixels) is a very large image; "
                   "decoding it (images over 178,956,970 pixels are refused; "
                   "config.max_image_pixels raises the limit)"]
+
+
+# --- folder trees: misleading lines and hangs -----------------------------------------------
+
+def test_fifo_in_a_split_is_named_without_blocking(tmp_path, capsys):
+  root = _folder(tmp_path, None, b"")
+  os.mkfifo(root / "val" / "dog" / "pipe.jpg")  # opening it for reading would block forever
+  code, lines = _one_line(capsys, lambda: sources.open_source(f"folder:{root}", "val", None))
+  assert code == 2 and lines == [f"error: image folder {root}/val: {root}/val/dog/pipe.jpg is a "
+                                 "FIFO, not a regular file; remove it from the image folder"]
+
+
+def test_one_class_folder_is_refused(tmp_path, capsys):
+  for s in ("train", "val"):
+    os.makedirs(tmp_path / s / "cat")
+    (tmp_path / s / "cat" / "a.png").write_bytes(_png(1))
+  code, lines = _one_line(capsys, lambda: sources.open_source(f"folder:{tmp_path}", "train",
+                                                               None))
+  assert code == 2 and lines == [f"error: image folder {tmp_path}/train: one class directory "
+                                 "(cat); a classifier needs at least 2 classes, one directory "
+                                 "each"]
+
+
+def test_folder_root_that_is_a_file(tmp_path, capsys):
+  (tmp_path / "f").write_text("x")
+  code, lines = _one_line(capsys, lambda: sources.open_source(f"folder:{tmp_path / 'f'}",
+                                                               "train", None))
+  assert code == 2 and lines == [f"error: image folder '{tmp_path / 'f'}' is a file, not a "
+                                 f"directory (expected {tmp_path / 'f'}/<split>/<class>/"
+                                 "<image file>)"]
+
+
+@pytest.mark.parametrize("link,target,why", [
+    ("loop", ".", "a directory that contains it (a loop)"),
+    ("up", "..", "a directory that contains it (a loop)"),
+    ("other", "../cat", "a directory inside the image folder")])
+def test_directory_symlinks_inside_the_folder_are_one_line(tmp_path, capsys, link, target, why):
+  root = _folder(tmp_path / "data", None, b"")
+  os.symlink(target, root / "val" / "dog" / link)
+  code, lines = _one_line(capsys, lambda: sources.open_source(f"folder:{root}", "val", None))
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith(f"error: image folder {root}/val/dog: {link} is a symbolic link "
+                             "to ")
+  assert why in lines[0]
+
+
+def test_directory_symlink_outside_the_folder_is_followed(tmp_path):
+  root = _folder(tmp_path / "data", None, b"")
+  os.makedirs(tmp_path / "elsewhere")
+  (tmp_path / "elsewhere" / "x.png").write_bytes(_png(3))
+  os.symlink(tmp_path / "elsewhere", root / "val" / "dog" / "more")
+  src = sources.open_source(f"folder:{root}", "val", None)
+  assert [src[i]["name"] for i in range(len(src))] == [
+      "cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/more/x.png"]
+
+
+def test_digits_preparation_says_where(tmp_path, caplog):
+  import logging
+  caplog.set_level(logging.INFO, logger="bcdnet_jax")
+  d = tmp_path / "nonexistent" / "tfds"
+  sources.open_source("digits", "test", str(d))
+  lines = [r.getMessage() for r in caplog.records if "digits" in r.getMessage()]
+  assert lines == [f"preparing the digits data set (1,797 images) in {d}/digits/2.0.0"]
+  caplog.clear()
+  sources.open_source("digits", "train", str(d))  # prepared: nothing written, no line
+  assert not [r for r in caplog.records if "preparing" in r.getMessage()]
