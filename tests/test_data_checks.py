@@ -308,3 +308,15 @@ def test_digits_preparation_says_where(tmp_path, caplog):
   caplog.clear()
   sources.open_source("digits", "train", str(d))  # prepared: nothing written, no line
   assert not [r for r in caplog.records if "preparing" in r.getMessage()]
+
+
+def test_over_limit_image_in_predict_is_named_with_the_reason(tmp_path):
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.deploy import predict
+  path = tmp_path / "big.bmp"
+  path.write_bytes(_header("BMP", 15000, 15000))
+  with pytest.raises(predict.PredictError) as e:
+    predict.load_image(str(path), preprocessing.DEFAULT)
+  assert str(e.value) == (f"{path}: not a decodable image: 225,000,000 pixels is over the "
+                          "limit of 178,956,970 pixels (PIL's guard against decompression "
+                          "bombs)")

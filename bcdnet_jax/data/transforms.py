@@ -83,10 +83,12 @@ def set_max_image_pixels(limit: int = 0) -> None:
 def _too_large(name: str, e: Exception) -> ImageTooLargeError:
   found = re.search(r"\((\d+) pixels\)", str(e))
   size = f"{int(found.group(1)):,} pixels" if found else "its size"
-  return ImageTooLargeError(
-      f"cannot decode image {name}: {size} is over the limit of {max_image_pixels():,} "
-      "pixels (PIL's guard against decompression bombs); for data sets with images this "
-      "large set --config.max_image_pixels above it")
+  reason = (f"{size} is over the limit of {max_image_pixels():,} pixels (PIL's guard against "
+            "decompression bombs)")
+  err = ImageTooLargeError(f"cannot decode image {name}: {reason}; for data sets with images "
+                           "this large set --config.max_image_pixels above it")
+  err.reason = reason  # without the config field (predict has none)
+  return err
 
 
 def _warn_large(img: Image.Image, name: str) -> None:
