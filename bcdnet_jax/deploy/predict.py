@@ -57,7 +57,7 @@ def load_image(path: str, pre: dict) -> np.ndarray:
     return transforms.eval_transform(raw, image_size=pre["image_size"],
                                      crop_ratio=pre["crop_ratio"], name=path)
   except transforms.ImageDecodeError as e:
-    why = str(e).removeprefix(f"cannot decode image {path}: ")
+    why = getattr(e, "reason", None) or str(e).removeprefix(f"cannot decode image {path}: ")
     raise PredictError(f"{path}: not a decodable image: {why}") from None
 
 

@@ -97,6 +97,9 @@ FIELDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "check_images": (lambda v, c: isinstance(v, bool), "True or False"),
     "data_workers": (lambda v, c: _int(v) and v >= 0,
                      "an integer >= 0 (input threads per process; 0: all cores but one)"),
+    "max_image_pixels": (lambda v, c: _int(v) and v >= 0,
+                         "an integer >= 0 (images over it are refused; 0: PIL's limit, "
+                         "178,956,970)"),
     "batch_size": (lambda v, c: _int(v) and v > 0, "a positive integer (the global batch)"),
     "eval_batch_size": (lambda v, c: _int(v) and v > 0, "a positive integer"),
     "base_batch_size": (lambda v, c: _int(v) and v > 0,

@@ -95,11 +95,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               "config.image_size" if config.image_size else
                               f"the image size recorded in {config.checkpoint}")
   entries = eval_entries(config)
+  data.set_max_image_pixels(config.get("max_image_pixels", 0))  # the folder scans below
   sources = [data.open_source(name, split, config.data_dir or None) for name, split in entries]
   for (name, _), source in zip(entries, sources):  # all checked before any work
     if model.spec.num_classes != source.num_classes:
       raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} "
                         f"classes, dataset {name!r} has {source.num_classes}")
+    data.check_labels(source)  # an unlabelled split (-1) would be scored against class -1
   _, eval_def, params, batch_stats = step_lib.split_model(model)
   state = rt.replicate({"params": params, "batch_stats": batch_stats})
   p_eval = rt.jit_eval_step(eval_def, pre["mean_rgb"], pre["stddev_rgb"])
