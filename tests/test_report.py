@@ -13,6 +13,7 @@ from helpers import browser
 from helpers.configs import small_config
 from PIL import Image
 
+from bcdnet_jax import train
 from bcdnet_jax.train import loop, report
 
 LAYERS = ["features.1.conv3x3", "features.1.pw", "mlp.0.0.token_mlp"]
@@ -303,7 +304,7 @@ def test_report_of_real_runs_in_progress_resumed_and_pipeline(tmp_path, digits_d
       "stage1": {"model": {"stage": 1}, "num_train_steps": 2},
       "stage2": {"model": {"stage": 2}, "num_train_steps": 3}})
   pwd = str(tmp_path / "pipeline")
-  loop.train_and_evaluate(pcfg, pwd)
+  train.run(pcfg, pwd)
   page, _ = check_report(os.path.join(pwd, "report"), ALL_HEATMAPS)
   stages = report.find_stages(pwd)
   assert [(s.name, s.offset) for s in stages] == [("stage1", 0), ("stage2", 2)]

@@ -54,6 +54,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains one model (resuming from the newest intact checkpoint in `workdir`), evaluates
   it, writes and returns the results; `bcdnet_jax.train.run` dispatches pipelines and
   evaluations. `return_params` adds the final parameters (host arrays) as "params"."""
+  if config.get("pipeline"):
+    raise ValueError("a config with stages (config.pipeline): run it with "
+                     "bcdnet_jax.train.run, which runs each stage")
   start_time = time.time()
   rt = runtime.Runtime.create()
   plan = plan_lib.plan_run(config, workdir, rt)
