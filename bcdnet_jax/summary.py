@@ -32,7 +32,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bcdnet_jax import errors
 from bcdnet_jax.nn import layers, models
+
+MAX_IMAGE_SIZE = 4096  # px: an abstract trace is cheap, but nobody runs a BNN on more
+
+
+def check_image_size(spec: models.ModelSpec, size: int, flag: str, *,
+                     maximum: int = MAX_IMAGE_SIZE, error=errors.UserError) -> None:
+  """Raises `error` naming `flag` unless `size` px square images are a positive size of
+  at most `maximum` px that the strides of `spec`'s model can take (an abstract trace of
+  the evaluation forward: no weights allocated, nothing compiled)."""
+  from bcdnet_jax.train import config
+  if not isinstance(size, int) or size < 1:
+    raise error(f"{flag}: must be a positive number of pixels, got {size!r}")
+  if size > maximum:
+    raise error(f"{flag}: at most {maximum} px, got {size}")
+  try:
+    config.check_image_size(spec, size, flag)
+  except errors.UserError as e:
+    raise error(str(e)) from None
+  except ZeroDivisionError:  # a token shift on a feature map shrunk to nothing
+    raise error(f"{flag}: {size} px images shrink to nothing in the strides of "
+                f"{spec.family} (the released models take 224)") from None
 
 
 @dataclasses.dataclass

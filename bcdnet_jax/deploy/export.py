@@ -305,8 +305,14 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
     arrays[name] = np.asarray(x)
   header = _header(model.spec, program, real_dtype, source, preprocess)
   packed.validate(header, arrays, out)
-  with fileio.replacing(out) as tmp:
-    size = packed.write(tmp, header, arrays)
+  try:
+    with fileio.replacing(out) as tmp:
+      size = packed.write(tmp, header, arrays)
+  except OSError as e:  # a full disk, a quota, a directory removed meanwhile
+    why = fileio.disk_full(e) or e.strerror or str(e)
+    raise ExportError(f"{out}: cannot write the artefact there ({why}); nothing written"
+                      f"{'' if not os.path.exists(out) else ' (the existing file is kept)'}"
+                      ) from None
   binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".zeros")))
   return {"path": out, "file_bytes": size, "binary_bytes": binary,
           "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,

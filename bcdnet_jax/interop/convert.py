@@ -208,8 +208,34 @@ def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.
   """Loads a torch checkpoint safely (weights_only: no pickled code runs) as numpy.
 
   Accepts the released `{'model': ...}` dict, `{'state_dict': ...}`, a bare state dict,
-  keys with or without `module.`; `key` picks another entry (e.g. 'ema').
+  keys with or without `module.`; `key` picks another entry (e.g. 'ema'). The zip
+  archive torch.save writes is checked against its CRC-32s first (torch.load does not
+  check them: one flipped byte would load as a wrong weight); ConversionError names the
+  damaged member. The legacy (pre-1.6, non-zip) format stores no checksum to check.
   """
+  return _read_torch_checkpoint(path, key)[0]
+
+
+def check_zip_crc(path: str) -> int:
+  """Checks every member of torch's zip archive against its CRC-32 (a few ms per MB);
+  returns the number of members. Raises ConversionError naming the first damaged one."""
+  import zipfile
+  try:
+    with zipfile.ZipFile(path) as z:
+      bad = z.testzip()
+      n = len(z.infolist())
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
+                          f"another format): {type(e).__name__}: {e}") from None
+  if bad is not None:
+    raise ConversionError(f"{path}: corrupted: zip member {bad!r} fails its CRC-32 check "
+                          "(the file changed after torch.save wrote it: copy or download "
+                          "it again); nothing written")
+  return n
+
+
+def _read_torch_checkpoint(path: str, key: str | None) -> tuple[dict[str, np.ndarray], str]:
+  """(state dict, what was checked of the file's integrity, in words)."""
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file")
   if os.path.isdir(path):
@@ -230,6 +256,11 @@ def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.
     # 0x80); anything else would reach the unpickler and read as a refused pickle
     raise ConversionError(f"{path}: not a readable PyTorch checkpoint (neither torch's zip "
                           f"format nor a pickle; starts with {magic!r})")
+  if magic.startswith(b"PK"):
+    integrity = f"CRC-32 of its {check_zip_crc(path)} zip members checked"
+  else:
+    integrity = ("not checkable: the legacy (pre-1.6, non-zip) torch format stores no "
+                 "checksum")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -241,7 +272,7 @@ def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.
   except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
     raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
                           f"another format): {type(e).__name__}: {e}") from None
-  return _extract_state_dict(obj, path, key)
+  return _extract_state_dict(obj, path, key), integrity
 
 
 def _extract_state_dict(obj: Any, path: str, key: str | None) -> dict[str, np.ndarray]:
@@ -263,8 +294,13 @@ def _extract_state_dict(obj: Any, path: str, key: str | None) -> dict[str, np.nd
     raise ConversionError(f"{path}: no state dict found (entries: {sorted(obj)})")
   bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
   if bad:
+    nested = [k for k in bad if isinstance(sd[k], Mapping)]
+    hint = (f"; {', '.join(map(repr, nested))} hold{'s' if len(nested) == 1 else ''} a dict: "
+            f"pass --ckpt_key {nested[0]} to convert it (e.g. --ckpt_key ema for the "
+            "averaged weights, --ckpt_key model for the trained ones)"
+            if nested and key is None else "")
     raise ConversionError(f"{path}: not a state dict: entries that are not tensors: "
-                          f"{bad[:10]}")
+                          f"{bad[:10]}{hint}")
   keys = list(sd)
   if all(k.startswith("module.") for k in keys):
     keys = [k[len("module."):] for k in keys]
@@ -453,6 +489,9 @@ def check_or_raise(chk: dict, tolerance: float) -> None:
         f"is wrong; nothing written")
 
 
+MAX_CHECK_IMAGE_SIZE = 1024  # px: random images for a comparison; larger proves nothing more
+
+
 def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
                  num_classes: int = 1000, overrides: dict | None = None,
                  ckpt_key: str | None = None, check: bool = True,
@@ -464,14 +503,26 @@ def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
   when torch can run it) before anything is written; the self-check fails when the
   largest float64 logit difference exceeds `check_tolerance` times max(1, max |logit|).
   """
-  from bcdnet_jax import checkpoint
+  import math
+
+  from bcdnet_jax import checkpoint, summary
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ConversionError(f"{out}: already exists and is not an empty directory; "
                           "refusing to overwrite it")
   fileio.check_writable(out, ConversionError)
   spec = models.get_spec(arch, stage=stage, num_classes=num_classes, **(overrides or {}))
-  sd = read_torch_checkpoint(torch_ckpt, key=ckpt_key)
+  if check:  # the self-check's settings, before minutes of reading and checking
+    if not (isinstance(check_tolerance, (int, float)) and math.isfinite(check_tolerance)
+            and check_tolerance > 0):
+      raise ConversionError(f"--check_tolerance: must be a positive finite number (the "
+                            "largest float64 logit difference, relative to max(1, max "
+                            f"|logit|); default 1e-6), got {check_tolerance!r}")
+    summary.check_image_size(spec, check_image_size, "--check_image_size",
+                             maximum=MAX_CHECK_IMAGE_SIZE, error=ConversionError)
+  sd, integrity = _read_torch_checkpoint(torch_ckpt, ckpt_key)
   model, report = from_torch_state_dict(sd, spec, source=torch_ckpt)
+  report["integrity"] = integrity
+  checkpoint.check_space(os.path.abspath(out), nnx.to_pure_dict(nnx.state(model)))
   report.update(source=os.path.abspath(torch_ckpt), arch=arch, stage=stage,
                 num_classes=num_classes)
   if check:
@@ -511,6 +562,10 @@ def parse_overrides(texts, arch: str, *, stage: int = 2,
   The overrides are applied in the order given (a repeated key: the last wins), and an
   invalid spec is blamed on the first key whose addition makes it invalid.
   """
+  try:  # the spec without overrides: a bad --num_classes is not the overrides' fault
+    models.get_spec(arch, stage=stage, num_classes=num_classes)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f"--num_classes {num_classes}: {e}") from None
   pairs = [(_parse_override(t), t) for t in texts]
   known = {f.name for f in dataclasses.fields(models.ModelSpec)} - {"stage", "num_classes"}
   known.add("mlp_width")
@@ -570,6 +625,9 @@ def main(argv=None) -> int:
     return 0
   print(f"converted {report['source']}")
   print(f"  arch {args.arch}, stage {args.stage}, {args.num_classes} classes")
+  print(f"  stage {args.stage} as --stage says (a torch checkpoint does not record its "
+        "stage, and the self-check cannot tell stage 1 from stage 2)")
+  print(f"  file integrity: {report['integrity']}")
   print(f"  tensors mapped: {report['tensors_mapped']} "
         f"({report['values_mapped']:,} values, {report['bytes_mapped'] / 1e6:.2f} MB)")
   chk = report.get("self_check", {"status": "skipped", "reason": "--no_check"})
