@@ -496,6 +496,17 @@ def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
   raise ArtefactError(f"{where}: the program does not end with a head")
 
 
+def min_image_size(program: list[dict]) -> int:
+  """The smallest image side (px) a program runs on: its total stride, the stem's (2, and
+  2 more with a max-pool) times the blocks'."""
+  size = 1
+  for op in program:
+    if op["op"] == "stem":
+      size *= 4 if op.get("max_pool") else 2
+    size *= int(op.get("stride", 1))
+  return size
+
+
 class DeployModel:
   """A loaded artefact: `model(x, path="packed")` -> float32 logits, one jitted op at a time."""
 
@@ -548,12 +559,7 @@ class DeployModel:
   @property
   def min_image_size(self) -> int:
     """The total stride: the stem (2, and 2 more with a max-pool) times the blocks'."""
-    size = 1
-    for op in self.program:
-      if op["op"] == "stem":
-        size *= 4 if op.get("max_pool") else 2
-      size *= int(op.get("stride", 1))
-    return size
+    return min_image_size(self.program)
 
   def __call__(self, x, path: str = "packed"):
     if path not in PATHS:
