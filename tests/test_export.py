@@ -245,17 +245,6 @@ def test_predict_prints_the_good_images_and_a_line_per_bad_one(tmp_path, capsys)
   assert [r["image"] for r in res] == [str(good)]
 
 
-@pytest.fixture(autouse=True)
-def _tool_logging():
-  """The tools call log.setup() (our logger stops propagating); other test files read the
-  "bcdnet_jax" records through caplog's root handler, so restore it afterwards."""
-  from bcdnet_jax.log import logger
-  saved = list(logger.handlers), logger.propagate, logger.level
-  yield
-  logger.handlers[:] = saved[0]
-  logger.propagate, _ = saved[1], logger.setLevel(saved[2])
-
-
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
   """A model directory of a tiny stage-2 BCDNet-A (3 classes)."""
