@@ -36,7 +36,7 @@ from bcdnet_jax.log import logger as log
 
 __all__ = ["FORMAT", "ArtefactError", "ExportError", "export_checkpoint", "export_model",
            "load_packed", "verify"]
-REAL_DTYPES = ("float32", "float16")
+REAL_DTYPES = packed.REAL_DTYPES
 
 
 class ExportError(errors.UserError):
