@@ -75,7 +75,7 @@ def write_json(path: str, obj, **kw) -> None:
     json.dump(obj, f, **{"indent": 2, "default": str, **kw})
 
 
-_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 
 
 def disk_full(e: BaseException) -> str | None:
@@ -84,9 +84,9 @@ def disk_full(e: BaseException) -> str | None:
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _DISK_FULL:
-      return _DISK_FULL[e.errno]
-    for code, text in _DISK_FULL.items():
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+      return DISK_FULL[e.errno]
+    for code, text in DISK_FULL.items():
       if text in str(e) or f"os_error_code='{code}'" in str(e):
         return text
     e = e.__cause__ or e.__context__

@@ -44,13 +44,12 @@ def check_image_size(spec: models.ModelSpec, size: int, flag: str, *,
   """Raises `error` naming `flag` unless `size` px square images are a positive size of
   at most `maximum` px that the strides of `spec`'s model can take (an abstract trace of
   the evaluation forward: no weights allocated, nothing compiled)."""
-  from bcdnet_jax.train import config
   if not isinstance(size, int) or size < 1:
     raise error(f"{flag}: must be a positive number of pixels, got {size!r}")
   if size > maximum:
     raise error(f"{flag}: at most {maximum} px, got {size}")
   try:
-    config.check_image_size(spec, size, flag)
+    models.check_image_size(spec, size, flag)
   except errors.UserError as e:
     raise error(str(e)) from None
   except ZeroDivisionError:  # a token shift on a feature map shrunk to nothing

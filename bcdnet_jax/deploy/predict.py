@@ -123,7 +123,6 @@ def model_preprocessing(header: dict, model: str, image_size: int, crop_ratio: f
   normalisation it then uses are said in one line."""
   from bcdnet_jax import preprocessing
   from bcdnet_jax.nn import models
-  from bcdnet_jax.train import config
   rec = header.get("preprocess")
   if not rec and not image_size:
     raise PredictError(f"{model} records no preprocessing (the image size and crop ratio "
@@ -134,7 +133,7 @@ def model_preprocessing(header: dict, model: str, image_size: int, crop_ratio: f
   pre = {"image_size": image_size or rec["image_size"],
          "crop_ratio": crop_ratio or rec["crop_ratio"]}
   check_sizes(pre, image_size, crop_ratio, model)
-  config.check_image_size(models.ModelSpec.from_json(header["spec"]), pre["image_size"],
+  models.check_image_size(models.ModelSpec.from_json(header["spec"]), pre["image_size"],
                           "--image_size" if image_size
                           else f"the image size recorded in {model}")
   if header.get("preprocess"):
@@ -162,15 +161,15 @@ def main(argv=None) -> int:
   if a.top < 1:
     p.error(f"--top must be 1 or more, got {a.top}")
   from bcdnet_jax import preprocessing
-  from bcdnet_jax.deploy import export
-  from bcdnet_jax.train import config
+  from bcdnet_jax.deploy import packed
   try:
     # the rules of training and evaluation, before the model is loaded or compiled
-    config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
-                               "--crop_ratio"), recorded_allowed=True)
+    preprocessing.check_preprocessing(a.image_size, a.crop_ratio,
+                                      names=("--image_size", "--crop_ratio"),
+                                      recorded_allowed=True)
     if a.image_size > MAX_IMAGE_SIZE:
       raise PredictError(f"--image_size: at most {MAX_IMAGE_SIZE} px, got {a.image_size}")
-    model = export.load_packed(a.model)
+    model = packed.load_packed(a.model)
     pre = model_preprocessing(model.header, a.model, a.image_size, a.crop_ratio)
     warn_small_images(a.images, pre["image_size"])
     good, loaded, failed = [], [], []
