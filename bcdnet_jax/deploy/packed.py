@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcdnet_jax import errors
+from bcdnet_jax.deploy import header_checks
 
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
 from bcdnet_jax.nn.layers import conv as _conv
@@ -58,6 +59,7 @@ _CHUNK = 32  # words per step of the XNOR-popcount reduction
 
 
 FORMAT = "bcdnet-jax-deploy"  # the header's "format" field of every artefact
+REAL_DTYPES = header_checks.REAL_DTYPES
 
 
 class ArtefactError(errors.UserError):
@@ -459,71 +461,14 @@ def _need(tensors, name, shape, where):
                         f"the architecture header implies {tuple(shape)}")
 
 
-MAX_IMAGE_SIZE = 4096  # px: the largest input side a header may record (predict's limit)
-REAL_DTYPES = ("float32", "float16")
-
-
-def _is_int(v, lo: int, hi: int | None = None) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
-
-
-_OP_FIELDS = {  # field -> (rule, what it must be), for the fields an op has
-    "in": (lambda v: _is_int(v, 1), "a positive integer"),
-    "out": (lambda v: _is_int(v, 1), "a positive integer"),
-    "kernel": (lambda v: _is_int(v, 1, 15) and v % 2 == 1, "an odd integer 1 to 15"),
-    "stride": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
-    "max_pool": (lambda v: isinstance(v, bool), "true or false"),
-    "doubles": (lambda v: isinstance(v, bool), "true or false"),
-    "downsample": (lambda v: isinstance(v, bool), "true or false"),
-    "shift_mode": (lambda v: v in ("released", "paper") or _is_int(v, 1),
-                   "'released', 'paper' or a positive integer"),
-    "name": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-}
-
-
-def check_header(header: dict, where: str = "artefact") -> None:
-  """Checks that every value the runtime and `predict` compute with is in its range: the
-  sha256 proves the header is the one written, not that what wrote it was sane (a
-  recorded crop ratio of 0 would divide by zero in predict). Raises ArtefactError naming
-  the field, its value and the range."""
-  from bcdnet_jax import preprocessing
-  spec = header.get("spec")
-  if not isinstance(spec, dict) or not _is_int(spec.get("num_classes"), 1):
-    got = spec.get("num_classes") if isinstance(spec, dict) else spec
-    raise ArtefactError(f"{where}: header field spec.num_classes must be a positive integer, "
-                        f"got {got!r}")
-  if header.get("real_dtype") not in REAL_DTYPES:
-    raise ArtefactError(f"{where}: header field real_dtype must be one of {REAL_DTYPES}, got "
-                        f"{header.get('real_dtype')!r}")
-  pre = header.get("preprocess")
-  if pre is not None:  # None: recorded none (predict asks for --image_size)
-    try:
-      if not isinstance(pre, dict):
-        raise TypeError(f"expected a dict, got {pre!r}")
-      preprocessing.record(**pre)
-    except (TypeError, ValueError) as e:
-      raise ArtefactError(f"{where}: header field preprocess: "
-                          f"{str(e).removeprefix('preprocessing: ')}") from None
-    if pre["image_size"] > MAX_IMAGE_SIZE:
-      raise ArtefactError(f"{where}: header field preprocess.image_size must be at most "
-                          f"{MAX_IMAGE_SIZE} px, got {pre['image_size']}")
-  for i, op in enumerate(header.get("program") or []):
-    if not isinstance(op, dict):
-      raise ArtefactError(f"{where}: program[{i}] is not an object: {op!r}")
-    for field, (ok, what) in _OP_FIELDS.items():
-      if field in op and not ok(op[field]):
-        raise ArtefactError(f"{where}: program[{i}] ({op.get('op')} {op.get('name')!r}): "
-                            f"field {field} must be {what}, got {op[field]!r}")
-
-
 def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
-  """Checks the header's values for their ranges (`check_header`) and the program against
-  the tensors: every op's tensors exist with the shapes that the channel widths in the
-  header imply (a wrong architecture header fails here)."""
+  """Checks the header's values for their ranges (`header_checks.check_header`) and the
+  program against the tensors: every op's tensors exist with the shapes that the channel
+  widths in the header imply (a wrong architecture header fails here)."""
   program = header.get("program")
   if not isinstance(program, list) or not program:
     raise ArtefactError(f"{where}: header has no program")
-  check_header(header, where)
+  header_checks.check_header(header, where, ArtefactError)
   c = None
   for i, op in enumerate(program):
     kind, n = op.get("op"), op.get("name")
