@@ -331,3 +331,26 @@ def test_without_chromium_the_browser_test_skips_unless_ci_requires_it(monkeypat
   assert ("BCDNET_REQUIRE_BROWSER is set" in msg) == (require == "1"), msg
   monkeypatch.setattr(browser.shutil, "which", lambda name: f"/usr/bin/{name}")
   assert browser.chromium()[:2] == ["/usr/bin/chromium", "--headless"]
+
+
+@pytest.mark.parametrize("kind", ["evaluation", "model directory", "converted model"])
+def test_evaluation_workdirs_and_model_directories_are_named_as_such(tmp_path, capsys, kind):
+  d = tmp_path / "d"
+  d.mkdir()
+  if kind == "evaluation":
+    (d / "config.json").write_text(json.dumps({"mode": "eval", "checkpoint": "runs/x"}))
+    (d / "results.json").write_text(json.dumps({"top1": 0.5}))
+    what = "is an evaluation workdir (results.json of evaluating a model of runs/x)"
+  else:
+    (d / "state").mkdir()
+    meta = {"spec": {}, "converted_from": {"source": "/w/a_3.pth.tar"}} \
+        if kind == "converted model" else {"spec": {}}
+    (d / "model.json").write_text(json.dumps(meta))
+    what = ("is a model directory converted from /w/a_3.pth.tar" if kind == "converted model"
+            else "is a model directory") + " (model.json and state/: weights, no training log)"
+  assert report.main([str(d)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {d} {what}"), err
+  assert err.endswith(": report draws a training run: pass the workdir main.py trained (it "
+                      "holds metrics.jsonl)\n") and err.count("\n") == 1
+  assert not (d / "report").exists()

@@ -88,6 +88,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with plan_lib.naming("config.checkpoint"):
     model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                    config.model.dtype_policy)
+  if jax.process_index() == 0:  # which stage it holds, one line (a torch file records none)
+    log.info("evaluating %s", checkpoint.describe(config.checkpoint))
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)

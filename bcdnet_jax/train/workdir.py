@@ -13,7 +13,6 @@ disk and a non-finite stop.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -156,43 +155,8 @@ class SaveError(errors.UserError):
   """A checkpoint could not be written for lack of space; earlier ones are intact."""
 
 
-class HoldErrors:
-  """A logging filter that holds back ERROR records (orbax's writer threads report each
-  failure with a traceback) until `release` re-emits them; a disk-full save drops them and
-  says it in one line instead."""
-
-  def __init__(self):
-    self.records = []
-
-  def filter(self, record) -> bool:
-    if record.levelno >= logging.ERROR:
-      self.records.append(record)
-      return False
-    return True
-
-  def release(self, logger) -> None:
-    records, self.records = self.records, []
-    logger.removeFilter(self)
-    for record in records:
-      logger.handle(record)
-
-
-DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
-
-
-def disk_full(e: BaseException) -> str | None:
-  """'No space left on device' (or the quota's) when `e` or its causes say so, else None:
-  an OSError, or tensorstore's RESOURCE_EXHAUSTED text that orbax raises as ValueError."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in DISK_FULL:
-      return DISK_FULL[e.errno]
-    for code, text in DISK_FULL.items():
-      if text in str(e) or f"os_error_code='{code}'" in str(e):
-        return text
-    e = e.__cause__ or e.__context__
-  return None
+# one mechanism for every writer of the project (checkpoint.save_model uses it too)
+HoldErrors, DISK_FULL, disk_full = fileio.HoldErrors, fileio.DISK_FULL, fileio.disk_full
 
 
 def check_finite(state, step, manager):
