@@ -11,7 +11,7 @@ def run_main(argv, monkeypatch) -> tuple[int, list[str]]:
   from absl import flags
 
   import main as main_module
-  from bcdnet_jax import errors
+  from bcdnet_jax.train import flags as cli_flags
   full = ["main.py", *argv]
   monkeypatch.setattr(sys, "argv", full)
   flags.FLAGS.unparse_flags()
@@ -19,7 +19,7 @@ def run_main(argv, monkeypatch) -> tuple[int, list[str]]:
   rc = 0
   with contextlib.redirect_stderr(err):
     try:
-      errors.parse_flags(full)
+      cli_flags.parse_flags(full)
       main_module.main([])
     except SystemExit as e:
       rc = e.code if isinstance(e.code, int) else 1
