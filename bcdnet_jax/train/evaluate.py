@@ -15,6 +15,7 @@ from bcdnet_jax import checkpoint, data, fileio, preprocessing, runtime
 from bcdnet_jax.log import logger as log
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train import plan as plan_lib
 from bcdnet_jax.train import step as step_lib
 from bcdnet_jax.train import workdir as workdir_lib
@@ -85,6 +86,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"--workdir={workdir} holds a training run or a model ({held[0]}); "
                       "evaluation writes config.json and results.json there: use another "
                       "--workdir (e.g. a new directory)")
+  owner.check_owner(workdir, "eval")
+  with owner.lock(workdir):
+    return _evaluate(config, workdir, rt, start, return_predictions)
+
+
+def _evaluate(config, workdir, rt, start, return_predictions) -> dict:
+  """`evaluate` once its workdir is checked and locked."""
   with plan_lib.naming("config.checkpoint"):
     model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                    config.model.dtype_policy)
@@ -122,6 +130,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           for k, v in per_set.items()})
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    owner.claim(workdir, "eval")
     fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
     fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                 {k: v for k, v in result.items() if k != "predictions"})
