@@ -87,12 +87,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       "evaluation writes config.json and results.json there: use another "
                       "--workdir (e.g. a new directory)")
   owner.check_owner(workdir, "eval")
-  with owner.lock(workdir):
-    return _evaluate(config, workdir, rt, start, return_predictions)
-
-
-def _evaluate(config, workdir, rt, start, return_predictions) -> dict:
-  """`evaluate` once its workdir is checked and locked."""
   with plan_lib.naming("config.checkpoint"):
     model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                    config.model.dtype_policy)
@@ -128,13 +122,20 @@ def _evaluate(config, workdir, rt, start, return_predictions) -> dict:
                 datasets={k: {f: v[f] for f in ("top1", "top5", "num_eval_examples",
                                                  "num_images")}
                           for k, v in per_set.items()})
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    owner.claim(workdir, "eval")
-    fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
-    fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
-                {k: v for k, v in result.items() if k != "predictions"})
+  _write(config, workdir, result)
   return result
+
+
+def _write(config, workdir: str, result: dict) -> None:
+  """config.json and results.json: an evaluation writes only here, at the end, locked (and
+  its workdir checked again: another run may have begun there meanwhile)."""
+  with owner.lock(workdir):
+    owner.check_owner(workdir, "eval")
+    if jax.process_index() == 0:
+      owner.claim(workdir, "eval")
+      fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
+      fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
+                        {k: v for k, v in result.items() if k != "predictions"})
 
 
 def evaluate_sets(config, model_dir: str, workdir: str) -> dict:

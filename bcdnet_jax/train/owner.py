@@ -242,9 +242,13 @@ class WorkdirLock:
       if os.fstat(fd).st_ino != _inode(self.path):  # replaced while we locked: again
         os.close(fd)
         continue
+      try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.record()).encode(), 0)
+      except OSError:  # a full disk: the caller says so in one line; the lock is dropped
+        os.close(fd)
+        raise
       self.fd = fd
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, json.dumps(self.record()).encode(), 0)
       self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
       self._thread.start()
       return self
