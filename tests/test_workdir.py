@@ -307,6 +307,7 @@ def tiny_fs(tmp_path):
   subprocess.run(["umount", str(d)], check=False)
 
 
+@pytest.mark.slow
 def test_main_on_a_64k_filesystem_is_one_line_and_exit_2(tiny_fs, digits_dir):
   p = subprocess.run(
       [sys.executable, "main.py", "--config=configs/digits.py", "--config.num_train_steps=20",
