@@ -261,6 +261,8 @@ def test_deleted_checkpoints_are_refused_not_restarted_silently(trained, tmp_pat
   shutil.rmtree(os.path.join(wd, "checkpoints"))
   if also_records:
     shutil.rmtree(os.path.join(wd, checkpoint.STEP_DIGESTS))
+  else:  # an earlier damaged step set aside does not excuse the missing ones
+    os.makedirs(os.path.join(wd, workdir_lib.DAMAGED_DIR, "6-1"))
   before = snapshot(wd)
   with pytest.raises(checkpoint.CheckpointError) as e:
     loop.train_and_evaluate(small_config(digits_dir, num_train_steps=4,

@@ -176,14 +176,14 @@ def check_not_lost(workdir: str, config) -> None:
   recorded = sorted(int(n[:-5]) for n in (os.listdir(digests) if os.path.isdir(digests)
                                           else []) if n.endswith(".json") and n[:-5].isdigit())
   aside = os.path.join(workdir, DAMAGED_DIR)
-  if os.path.isdir(aside) and os.listdir(aside):
+  reached = metrics_reach(os.path.join(workdir, "metrics.jsonl"))
+  every = int(getattr(config, "checkpoint_every_steps", 0) or 0)
+  if recorded:  # records of checkpoints that are gone (set-aside ones take theirs along)
+    said = f"{checkpoint.STEP_DIGESTS}/ records checkpoint {recorded[-1]}"
+  elif os.path.isdir(aside) and os.listdir(aside):
     log.warning("%s: no checkpoint left in %s (the damaged ones are in %s): starting again "
                 "at step 0", workdir, checkpoint.TRAIN_CHECKPOINTS, aside)
     return
-  reached = metrics_reach(os.path.join(workdir, "metrics.jsonl"))
-  every = int(getattr(config, "checkpoint_every_steps", 0) or 0)
-  if recorded:
-    said = f"{checkpoint.STEP_DIGESTS}/ records checkpoint {recorded[-1]}"
   elif every and reached >= every:
     said = (f"metrics.jsonl reaches step {reached} (past checkpoint_every_steps={every}: "
             "a checkpoint had been saved)")
