@@ -215,9 +215,15 @@ def check_space(workdir: str, state) -> None:
   """Refuses to start when the workdir's file system cannot hold one checkpoint (the
   tensors of the state and of the model item, plus Orbax's metadata): a full disk is one
   line before any work, not a failed save minutes later."""
-  leaves = jax.tree.leaves(state)
-  tensors = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
-  need = 2 * tensors + 2048 * len(leaves) + (64 << 10)  # at least; the model item < state
+  def size(tree):
+    leaves = jax.tree.leaves(tree)
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves), \
+        len(leaves)
+  # the "state" item and the "model" item (params + BN statistics), stored uncompressed,
+  # plus Orbax's metadata (about 1 KiB per tensor; half of it counted: a lower bound)
+  (state_bytes, n_state), (model_bytes, n_model) = size(state), size(
+      (state["params"], state["batch_stats"]))
+  need = state_bytes + model_bytes + 512 * (n_state + n_model)
   st = os.statvfs(workdir)
   free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
   if free < need:
