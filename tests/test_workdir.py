@@ -319,3 +319,25 @@ def test_main_on_a_64k_filesystem_is_one_line_and_exit_2(tiny_fs, digits_dir):
   assert p.returncode == 2, p.stderr[-3000:]
   assert len(err) == 1 and err[0].startswith(f"error: {tiny_fs}/w/stage1: its file "
                                              "system has "), p.stderr[-3000:]
+
+
+class _Manager:
+  def __init__(self, directory, latest):
+    self.directory, self._latest = directory, latest
+
+  def latest_step(self):
+    return self._latest
+
+
+@pytest.mark.parametrize("resumed, latest, says", [
+    (None, 10, "x; the last good checkpoint (step 10) is kept in /w/checkpoints"),
+    (workdir_lib.Resumed(10, True), 20, "x; the last good checkpoint (step 20) is kept in "
+                                        "/w/checkpoints"),  # saved by this run: finite
+    (workdir_lib.Resumed(10, True), 10, "x, after resuming from checkpoint 10 (intact: its "
+                                        "sha256 record matches; kept in /w/checkpoints): the "
+                                        "run diverges from it and a rerun repeats this; lower "
+                                        "config.learning_rate, or move checkpoints/10 aside to "
+                                        "resume from an older step"),
+])
+def test_a_divergence_names_the_last_good_checkpoint_only_when_it_is(resumed, latest, says):
+  assert str(workdir_lib.diverged(_Manager("/w/checkpoints", latest), "x", resumed)) == says
