@@ -89,3 +89,19 @@ def test_the_library_loads_no_heavy_framework():
     loaded = json.loads(out.strip().splitlines()[-1])
     print(f"{module}: heavy modules loaded: {loaded}")
     assert loaded == [], module
+
+
+def test_top_level_entry_points_and_the_command_dispatcher(capsys):
+  import bcdnet_jax
+  from bcdnet_jax import __main__ as cli
+  from bcdnet_jax.deploy import packed
+  from bcdnet_jax.nn import models
+  assert bcdnet_jax.create_model is models.create_model
+  assert bcdnet_jax.ModelSpec is models.ModelSpec
+  assert bcdnet_jax.load_packed is packed.load_packed
+  assert callable(bcdnet_jax.restore_model) and callable(bcdnet_jax.summary.summarize)
+  assert cli.main(["--help"]) == 0 and "summary" in capsys.readouterr().out
+  assert cli.main(["nope"]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "error: unknown command 'nope'; one of: convert, export, predict, prepare, report, "
+      "summary (python -m bcdnet_jax --help)")
