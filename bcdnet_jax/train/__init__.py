@@ -4,6 +4,7 @@
                   only: what `bench/` times and a user's own loop can import)
     plan          everything checked and decided before anything is written
     workdir       the on-disk layout of a run: records, results, checkpoints, damage
+    owner         whose a workdir is (.bcdnet_run.json) and the lock of the run in it
     preemption    SIGTERM / SIGUSR1 / Ctrl-C: checkpoint and exit cleanly
     loop          one training run, top to bottom
     evaluate      top-1/top-5 over one or several data sets
