@@ -2,6 +2,8 @@
 results, the Orbax checkpoints and their sha256 records, damaged steps set aside, a full
 disk and a non-finite stop.
 
+    WORKDIR/.bcdnet_run.json       whose it is: kind and run id (train.owner), written first
+    WORKDIR/.bcdnet_lock           the lock of the run writing there now (train.owner)
     WORKDIR/config.json            the resolved config (+ deviations from the recipe)
     WORKDIR/model.json             architecture + evaluation preprocessing (checkpoint.SPEC_FILE)
     WORKDIR/checkpoints/<step>/    Orbax items checkpoint.TRAIN_ITEMS: state, model, meta
