@@ -284,14 +284,27 @@ def step_problem(manager_dir: str, step: int) -> str | None:
   return None
 
 
+def step_recorded(manager_dir: str, step: int) -> bool:
+  """Whether training checkpoint `step` has its sha256 record (checked by step_problem)."""
+  return os.path.exists(_digests_path(manager_dir, step))
+
+
 def restore_intact(manager, restore_step, log=None):
   """(step, restore_step(step)) of the newest training checkpoint that is intact and
-  restores; damaged ones are skipped and said so. None when there is no checkpoint."""
+  restores; damaged ones are skipped and said so. A step without its sha256 record (copied
+  without checkpoint_sha256/, or a kill between the save and the record) is restored only
+  with a warning naming it: `restore_step` checks what can be (shapes, finiteness).
+  None when there is no checkpoint."""
   steps = sorted(manager.all_steps(), reverse=True)
   problems = []
   for step in steps:
     problem = step_problem(str(manager.directory), step)
     if problem is None:
+      if log is not None and not step_recorded(str(manager.directory), step):
+        log.warning("checkpoint %d has no sha256 record (%s missing: copied without it, or "
+                    "the run was killed between the save and the record); its bytes cannot "
+                    "be verified, only its shapes and finiteness", step,
+                    _digests_path(str(manager.directory), step))
       try:
         return step, restore_step(step)
       except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files

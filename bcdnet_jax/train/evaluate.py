@@ -15,6 +15,7 @@ from bcdnet_jax import checkpoint, data, fileio, preprocessing, runtime
 from bcdnet_jax.log import logger as log
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train import plan as plan_lib
 from bcdnet_jax.train import step as step_lib
 from bcdnet_jax.train import workdir as workdir_lib
@@ -85,6 +86,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"--workdir={workdir} holds a training run or a model ({held[0]}); "
                       "evaluation writes config.json and results.json there: use another "
                       "--workdir (e.g. a new directory)")
+  owner.check_owner(workdir, "eval")
   with plan_lib.naming("config.checkpoint"):
     model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                    config.model.dtype_policy)
@@ -124,12 +126,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 datasets={k: {f: v[f] for f in ("top1", "top5", "num_eval_examples",
                                                  "num_images")}
                           for k, v in per_set.items()})
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
-    fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
-                {k: v for k, v in result.items() if k != "predictions"})
+  _write(config, workdir, result)
   return result
+
+
+def _write(config, workdir: str, result: dict) -> None:
+  """config.json and results.json: an evaluation writes only here, at the end, locked (and
+  its workdir checked again: another run may have begun there meanwhile)."""
+  with owner.lock(workdir):
+    owner.check_owner(workdir, "eval")
+    if jax.process_index() == 0:
+      owner.claim(workdir, "eval")
+      fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
+      fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
+                        {k: v for k, v in result.items() if k != "predictions"})
 
 
 def evaluate_sets(config, model_dir: str, workdir: str) -> dict:

@@ -13,6 +13,7 @@ from flax import nnx
 from bcdnet_jax import checkpoint, data, runtime
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train import workdir as workdir_lib
 from bcdnet_jax.train.config import ConfigError
 
@@ -84,6 +85,7 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> Plan:
   """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   config_lib.validate(config, rt.size)
   config_lib.check_workdir(workdir)
+  owner.check_owner(workdir, "train")
   data_dir = config.data_dir or None
   data.set_max_image_pixels(config.get("max_image_pixels", 0))  # the scans and checks below
   train_source = data.open_source(config.dataset, config.train_split, data_dir)
