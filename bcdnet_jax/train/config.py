@@ -79,7 +79,8 @@ def _models():
 
 # field -> (is the value valid (value, whole config), what a valid value is)
 FIELDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
-    "model.name": (lambda v, c: v in _models().PRESETS, "a model name of models.PRESETS"),
+    "model.name": (lambda v, c: v in _models().PRESETS or _models().is_custom_name(v),
+                   "a model name of models.PRESETS, a registered name or module:function"),
     "model.stage": (_in((1, 2)), "1 or 2"),
     "model.num_classes": (lambda v, c: _int(v) and v >= 0, "an integer >= 0 (0: the data set's)"),
     "model.overrides": (lambda v, c: _mapping(v), "a mapping of ModelSpec fields"),
@@ -250,8 +251,10 @@ def check_image_size(spec, image_size: int, name: str = "config.image_size") -> 
                    jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
                                         jnp.float32))
   except (TypeError, ValueError) as e:
+    arch = (spec.builder if spec.family == "custom"
+            else f"{spec.family} {list(models.block_strides(spec))}")
     raise ConfigError(f"{name}: {image_size} px images do not fit the strides of "
-                      f"{spec.family} {list(models.block_strides(spec))}: "
+                      f"{arch}: "
                       f"{str(e).splitlines()[0][:200]}") from None
 
 

@@ -130,9 +130,10 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None, diagnosti
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state["batch_stats"], copy=True)
       if diagnostics is not None:
-        (logits, logits_dist), sign_inputs = diag_lib.forward_recording(model, images)
+        out, sign_inputs = diag_lib.forward_recording(model, images)
       else:
-        (logits, logits_dist), sign_inputs = model(images), None
+        out, sign_inputs = model(images), None
+      logits, logits_dist = models.heads(out)
       ce = smoothed_cross_entropy(logits, labels, smoothing)
       if teacher_graphdef is not None:
         teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
@@ -258,7 +259,7 @@ def resolve_num_classes(config, source) -> int:
 
 def _model_spec(config, num_classes):
   try:
-    overrides = dict(config.model.overrides)
+    overrides = models.config_overrides(config.model.name, dict(config.model.overrides))
     overrides.setdefault("compute_dtype", config.model.compute_dtype)
     overrides.setdefault("dtype_policy", config.model.dtype_policy)
     return models.get_spec(config.model.name, stage=config.model.stage,
