@@ -220,7 +220,7 @@ def test_export_of_custom_models(tmp_path):
   with pytest.raises(export.ExportError) as e:
     export.export_model(seq, str(tmp_path / "seq.bcdnet"))
   msg = str(e.value)
-  assert msg.startswith("cannot export module layers.0 (Conv): the deploy runtime folds")
+  assert msg.startswith("cannot export module layers.0: no fold function for Conv (the deploy")
   assert "\n" not in msg and "docs/building-bnns.md, 'Adding a block kind'" in msg
   assert not (tmp_path / "seq.bcdnet").exists()
 

@@ -188,9 +188,10 @@ ADD_BLOCK_KIND = "docs/building-bnns.md, 'Adding a block kind'"
 
 def _cannot_fold(path: str, module) -> str:
   names = ", ".join(sorted(c.__name__ for c in fold_functions() if c.__name__ != "Stem"))
-  return (f"cannot export module {path} ({type(module).__name__}): the deploy runtime folds "
-          f"a model's features (a Stem first, then {names}), its mlp groups of those and "
-          f"Linear head/head_dist, nothing else; to add a block kind see {ADD_BLOCK_KIND}")
+  return (f"cannot export module {path}: no fold function for {type(module).__name__} (the "
+          f"deploy runtime folds a model's features: a Stem first, then {names}; its mlp "
+          f"groups of those; Linear head/head_dist; to add a block kind see "
+          f"{ADD_BLOCK_KIND})")
 
 
 def check_foldable(model) -> None:
