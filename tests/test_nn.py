@@ -232,3 +232,42 @@ def test_nn_imports_no_heavy_frameworks():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
+
+
+# --- the harness trains, records, restores and refuses to export a custom network ---------
+
+def test_custom_model_through_the_training_harness(tmp_path, digits_dir, caplog, capsys):
+  from helpers.configs import small_config
+
+  from bcdnet_jax import checkpoint
+  from bcdnet_jax.deploy import export
+  from bcdnet_jax.train import report
+  from bcdnet_jax.train import trainer as train
+  name = "examples.tiny_bnn:create"
+  wd1, wd2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+  c1 = small_config(digits_dir, num_train_steps=4, log_every_steps=2)
+  c1.model.name, c1.model.stage = name, 1
+  with caplog.at_level("WARNING", logger="bcdnet_jax"):
+    r1 = train.train_and_evaluate(c1, wd1)
+  assert "config.model.overrides channels, mlp_group, mlp_groups apply to presets only" \
+      in caplog.text
+  assert r1["steps"] == 4 and r1["num_eval_examples"] == 359
+  c2 = small_config(digits_dir, num_train_steps=4, log_every_steps=2, init_from=wd1)
+  c2.model.name = name
+  r2 = train.train_and_evaluate(c2, wd2)  # stage 2 from stage 1: the same parameter tree
+  assert 0.0 <= r2["top1"] <= 1.0
+  spec = json.load(open(os.path.join(wd2, "model.json")))["spec"]
+  assert spec["family"] == "custom" and spec["builder"] == name and spec["stage"] == 2
+  rows = [json.loads(line) for line in open(os.path.join(wd2, "diagnostics.jsonl"))]
+  assert rows[-1]["step"] == 4
+  for key in ("layers.3/flip_ratio", "layers.6/scale_mean", "layers.2/pos_fraction",
+              "layers.5/band_fraction"):
+    assert key in rows[-1], key
+  restored = checkpoint.restore_model(wd2)
+  assert isinstance(restored, nnx.Sequential) and restored.spec.builder == name
+  assert report.main([wd2]) == 0 and os.path.exists(os.path.join(wd2, "report", "index.html"))
+  out = str(tmp_path / "m.bcdnet")
+  assert export.main(["--checkpoint", wd2, "--out", out]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: cannot export module layers.0: no fold function for Conv")
+  assert not os.path.exists(out)

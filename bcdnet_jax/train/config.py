@@ -213,8 +213,9 @@ def deviations(config) -> list[str]:
   """The ways a training config leaves the released recipe on purpose (config.json)."""
   out = []
   if is_none(config.teacher_dir):
-    out.append(f"teacher_dir={NONE}: no distillation; the second head learns from the "
-               "labels (label-smoothed CE) instead of from the ResNet-50 teacher")
+    out.append(f"teacher_dir={NONE}: no distillation; the second head (of a one-head "
+               "model, its only one) learns from the labels (label-smoothed CE) instead of "
+               "from the ResNet-50 teacher")
   if config.model.stage == 2 and is_none(config.init_from):
     out.append(f"init_from={NONE}: stage 2 starts from fresh weights instead of the "
                "stage-1 run")
