@@ -239,22 +239,21 @@ def test_nn_imports_no_heavy_frameworks():
 def test_custom_model_through_the_training_harness(tmp_path, digits_dir, caplog, capsys):
   from helpers.configs import small_config
 
-  from bcdnet_jax import checkpoint
+  from bcdnet_jax import checkpoint, train
   from bcdnet_jax.deploy import export
   from bcdnet_jax.train import report
-  from bcdnet_jax.train import trainer as train
   name = "examples.tiny_bnn:create"
   wd1, wd2 = str(tmp_path / "s1"), str(tmp_path / "s2")
   c1 = small_config(digits_dir, num_train_steps=4, log_every_steps=2)
   c1.model.name, c1.model.stage = name, 1
   with caplog.at_level("WARNING", logger="bcdnet_jax"):
-    r1 = train.train_and_evaluate(c1, wd1)
+    r1 = train.run(c1, wd1)
   assert "config.model.overrides channels, mlp_group, mlp_groups apply to presets only" \
       in caplog.text
   assert r1["steps"] == 4 and r1["num_eval_examples"] == 359
   c2 = small_config(digits_dir, num_train_steps=4, log_every_steps=2, init_from=wd1)
   c2.model.name = name
-  r2 = train.train_and_evaluate(c2, wd2)  # stage 2 from stage 1: the same parameter tree
+  r2 = train.run(c2, wd2)  # stage 2 from stage 1: the same parameter tree
   assert 0.0 <= r2["top1"] <= 1.0
   spec = json.load(open(os.path.join(wd2, "model.json")))["spec"]
   assert spec["family"] == "custom" and spec["builder"] == name and spec["stage"] == 2
