@@ -94,7 +94,8 @@ class _Writer:
 # One fold function per module class of `model.features` / `model.mlp`: it writes the
 # block's deploy tensors and its program op (a kind `packed.OPS` can run) and returns the
 # block's output width. Adding a block kind: a fold here, an `OpKind` in packed.OPS, a
-# name-table entry in convert (tests/test_blocks.py checks all three for every preset).
+# name-table entry in convert (tests/test_blocks.py checks all three for every preset);
+# docs/building-bnns.md walks through it.
 
 def _fold_stem(layer, n, c, w):
   out = layer.conv.kernel.shape[-1]
@@ -169,18 +170,63 @@ def fold_functions() -> dict[type, Callable]:
 def _walk(model, w: _Writer) -> None:
   folds = fold_functions()
   named = [(f"features.{i}", layer) for i, layer in enumerate(model.features)]
-  named += [(f"mlp.{gi}.{j}", block) for gi, group in enumerate(model.mlp)
+  named += [(f"mlp.{gi}.{j}", block) for gi, group in enumerate(getattr(model, "mlp", ()))
             for j, block in enumerate(group)]
   c = model.spec.in_channels
   for n, layer in named:
     fold = folds.get(type(layer))
     if fold is None:
-      raise ExportError(f"cannot export {n}: no fold function for {type(layer).__name__} "
-                        "(add one to export.fold_functions)")
+      raise ExportError(_cannot_fold(n, layer))
     c = fold(layer, n, c, w)
-  w.real_tensor("head.kernel", (model.head.kernel[...] + model.head_dist.kernel[...]) / 2)
-  w.real_tensor("head.bias", (model.head.bias[...] + model.head_dist.bias[...]) / 2)
+  heads = [model.head] + ([model.head_dist] if getattr(model, "head_dist", None) is not None
+                          else [])
+  w.real_tensor("head.kernel", sum(h.kernel[...] for h in heads) / len(heads))
+  w.real_tensor("head.bias", sum(h.bias[...] for h in heads) / len(heads))
   w.program.append(dict(op="head", name="head", **{"in": c, "out": model.spec.num_classes}))
+
+
+ADD_BLOCK_KIND = "docs/building-bnns.md, 'Adding a block kind'"
+
+
+def _cannot_fold(path: str, module) -> str:
+  names = ", ".join(sorted(c.__name__ for c in fold_functions() if c.__name__ != "Stem"))
+  return (f"cannot export module {path}: no fold function for {type(module).__name__} (the "
+          f"deploy runtime folds a model's features: a Stem first, then {names}; its mlp "
+          f"groups of those; Linear head/head_dist; to add a block kind see "
+          f"{ADD_BLOCK_KIND})")
+
+
+def check_foldable(model) -> None:
+  """Raises ExportError (one line naming the module path and type) unless `model` has the
+  layout the exporter walks: `features` (an `nnx.List` starting with a `Stem`, then blocks
+  of `fold_functions`), optional `mlp` (a list of lists of such blocks), a `Linear`
+  `head` and optional `head_dist`, and no other module. Its forward is then taken to be
+  features -> mlp -> global average pool -> mean of the heads (`verify` checks it)."""
+  from flax import nnx
+
+  from bcdnet_jax.nn import layers, models
+  folds = fold_functions()
+  containers = (nnx.List, nnx.Dict, nnx.Sequential)
+  feats = getattr(model, "features", None)
+  first = next(iter(feats), None) if feats is not None else None
+  if first is not None and not isinstance(first, models.Stem):
+    raise ExportError(_cannot_fold("features.0", first))
+  for path, node in nnx.iter_graph(model):
+    if not path or not isinstance(node, nnx.Module) or isinstance(node, containers):
+      continue
+    top, name = path[0], ".".join(str(p) for p in path)
+    if top in ("head", "head_dist") and len(path) == 1:
+      if type(node) is not layers.Linear:
+        raise ExportError(_cannot_fold(name, node))
+    elif top in ("features", "mlp"):
+      depth = 2 if top == "features" else 3
+      if len(path) == depth and type(node) not in folds:
+        raise ExportError(_cannot_fold(name, node))
+    else:
+      raise ExportError(_cannot_fold(name, node))
+  if feats is None or first is None or getattr(model, "head", None) is None:
+    raise ExportError(f"cannot export {type(model).__name__}: it has no features list "
+                      f"starting with a Stem and no Linear head (see {ADD_BLOCK_KIND})")
 
 
 def _check_exportable(spec) -> None:
@@ -205,6 +251,8 @@ def deploy_tensors(model, real_dtype: str = "float32", *, abstract: bool = False
   if real_dtype not in REAL_DTYPES:
     raise ExportError(f"real_dtype must be one of {REAL_DTYPES}, got {real_dtype!r}")
   _check_exportable(model.spec)
+  if model.spec.family == "custom":
+    check_foldable(model)
   graphdef, state = nnx.split(model)
   program, order = [], []
 

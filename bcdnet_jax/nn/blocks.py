@@ -57,28 +57,41 @@ class DynamicThreshold(nnx.Module):
 
 
 class BinaryActivation(nnx.Module):
-  """sign(x + b) with a learnable threshold b, plus BCDNet-B's dynamic part if enabled.
+  """sign(x + b) with a learnable per-channel threshold b (ReActNet's RSign), plus
+  BCDNet-B's dynamic part if enabled.
 
-  Returns the binary tensor and the post-conv offset beta (0 without dynamics), both in
-  x's dtype.
+  Two forms:
+  - plain, `BinaryActivation(features)`: returns the binary array only (x's shape and
+    dtype, values -1, 0, 1), so it fits `nnx.Sequential`;
+  - the blocks' form, `BinaryActivation(in_features, out_features, dynamic=...)`: returns
+    (binary array, beta), beta the post-conv offset for the `out_features` channels of the
+    conv it feeds (0.0 without dynamics), both in x's dtype.
+  `sign`: the quantizer, a registered name ('approx' as released, 'ste', 'identity') or a
+  callable of one array (`quantizers.get`). `rngs` is needed only with `dynamic`.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, dynamic: dict | None,
-               sign: str = "approx", rngs: nnx.Rngs):
-    binarize.get_sign(sign)  # fail early on an unknown name
+  def __init__(self, in_features: int, out_features: int | None = None, *,
+               dynamic: dict | None = None, sign="approx", rngs: nnx.Rngs | None = None):
+    if dynamic is not None and out_features is None:
+      raise ValueError("BinaryActivation: dynamic thresholds need out_features (the width "
+                       "of the conv whose offset beta they compute)")
+    if binarize.get(sign) is None:
+      raise ValueError("BinaryActivation: sign must be a quantizer name or a callable, "
+                       "not None")
     self.bias = LearnableBias(in_features)
     self.dynamic = (DynamicThreshold(in_features, out_features, rngs=rngs, **dynamic)
                     if dynamic is not None else None)
-    self.sign = sign
+    self.sign = binarize.get(sign)
+    self.plain = out_features is None
 
   def __call__(self, x):
-    sign = binarize.get_sign(self.sign)
     if self.dynamic is None:
-      return sign(binarize.observe_sign_input(self.bias(x), self)), 0.0
+      s = self.sign(binarize.observe_sign_input(self.bias(x), self))
+      return s if self.plain else (s, 0.0)
     alpha, beta = self.dynamic(x)
     # rounding the threshold's sum to x's type keeps its sign and the sign's saved input narrow
     t = (self.bias(x) + alpha).astype(x.dtype)
-    return sign(binarize.observe_sign_input(t, self)), beta.astype(x.dtype)
+    return self.sign(binarize.observe_sign_input(t, self)), beta.astype(x.dtype)
 
 
 class BasicBlock(nnx.Module):

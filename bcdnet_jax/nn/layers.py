@@ -67,6 +67,12 @@ def compute_type(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+# The default kernel init of `QuantConv` / `QuantDense` for fresh networks: torch's default,
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), symmetric about 0 (every weight inside the clipped
+# STE's band |W| <= 1 at any fan-in >= 1).
+default_kernel_init = torch_default_init
+
+
 def binary_weight_init(key, shape, dtype=jnp.float32):
   """The released binary convs start at U(0, 0.001); used for fresh stage-2 weights."""
   return jax.random.uniform(key, shape, dtype, 0.0, 1e-3)
@@ -376,42 +382,105 @@ def _binary_conv_lowp_bwd(stride, padding, dtype, precision, res, g):
 binary_conv_lowp.defvjp(_binary_conv_lowp_fwd, _binary_conv_lowp_bwd)
 
 
-class BinaryConv(nnx.Module):
-  """Convolution of binary activations whose weight is real (stage 1) or binary (stage 2).
+def _lowp_ok(quantizer) -> bool:
+  # The exact low-precision path (`binary_conv_lowp`) computes the scaled weight sign only.
+  return quantizer is binarize.binarize_weight
 
-  The parameter is the same real `kernel` in both stages, so a stage-1 state loads into a
-  stage-2 model unchanged; stage 2 only binarises it on the fly with a per-output-channel
-  scale. The input is expected to be binary already (the block applies the sign).
-  `compute_dtype` 'int8' (int32 accumulation) or 'bfloat16' computes the stage-2 products
-  exactly on low-precision operands (see `binary_conv_lowp`); with bfloat16 activations
-  (the mixed policy) 'float32' means bfloat16 operands, exact as well. Stage 1's real
-  weights use the activations' type.
+
+class QuantConv(nnx.Module):
+  """Convolution with optional input and kernel quantizers (larq's `QuantConv2D`), NHWC.
+
+  y = conv(q_in(x), q_k(W)), no bias, W an HWIO `kernel` (kh, kw, in, out) float32.
+  `input_quantizer` / `kernel_quantizer`: None (no quantization), a registered name
+  ('approx', 'ste', 'identity', 'scaled_sign', see `quantizers`) or a callable of one
+  array. A binary network usually signs activations in a separate `BinaryActivation` (with
+  its learnable threshold) and gives the conv `kernel_quantizer='scaled_sign'`; the input
+  quantizer is a convenience for the plain case. `kernel_init` defaults to
+  `default_kernel_init`, symmetric about 0, so a fresh network's weight signs are mixed
+  (the presets' `BinaryConv` keeps the released U(0, 1e-3) instead).
+  `stride`, `padding` (symmetric zeros, torch's Conv2d) and `dilation` are ints; output
+  size (H + 2 padding - dilation (k - 1) - 1) // stride + 1.
+
+  Arithmetic: `compute_dtype` 'int8' (int32 accumulation) or 'bfloat16' computes the
+  scaled-sign products exactly on low-precision operands (`binary_conv_lowp`); it assumes
+  the conv's input holds only -1, 0, 1 (an input quantizer, or a sign before it). With
+  bfloat16 activations (the mixed policy) 'float32' means bfloat16 operands.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
+               stride: int = 1, padding: int = 0, dilation: int = 1, *,
+               input_quantizer=None, kernel_quantizer=None, kernel_init=None,
+               rngs: nnx.Rngs):
+    for name, v in (("in_features", in_features), ("out_features", out_features),
+                    ("kernel_size", kernel_size), ("stride", stride),
+                    ("dilation", dilation)):
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"QuantConv: {name} must be a positive int, got {v!r}")
+    if not isinstance(padding, int) or padding < 0:
+      raise ValueError(f"QuantConv: padding must be an int >= 0, got {padding!r}")
+    init = kernel_init or default_kernel_init
+    self.kernel = nnx.Param(init(
+        rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
+    self.stride = stride
+    self.padding = padding
+    self.dilation = dilation
+    self.input_quantizer = binarize.get(input_quantizer)
+    self.kernel_quantizer = binarize.get(kernel_quantizer)
+    self.compute_dtype = "float32"
+    self.precision = "highest"  # set by models.set_dtype_policy
+
+  @property
+  def binary_weights(self) -> bool:
+    """Whether the kernel is quantized (the released stage 2)."""
+    return self.kernel_quantizer is not None
+
+  def weight(self):
+    """The kernel the convolution uses: q_k(W), or W without a kernel quantizer."""
+    w = self.kernel[...]
+    return self.kernel_quantizer(w) if self.kernel_quantizer is not None else w
+
+  def __call__(self, x):
+    if self.input_quantizer is not None:
+      x = self.input_quantizer(x)
+    if self.dilation != 1:
+      return _dilated_conv(x, self.weight(), self.stride, self.padding, self.dilation,
+                           self.precision)
+    operands = self.compute_dtype
+    if operands == "float32" and jnp.dtype(x.dtype).itemsize < 4:
+      operands = x.dtype  # ±1 is exact in bfloat16 / float16: no float32 copy
+    if _lowp_ok(self.kernel_quantizer) and operands != "float32":
+      return binary_conv_lowp(x, self.kernel[...], self.stride, self.padding,
+                              jnp.dtype(operands), self.precision)
+    return conv2d(x, self.weight(), self.stride, self.padding, self.precision)
+
+
+def _dilated_conv(x, kernel, stride, padding, dilation, precision):
+  """Dilated NHWC x HWIO convolution (autodiff gradient: no model of the project uses it)."""
+  if kernel.dtype != x.dtype and jnp.issubdtype(x.dtype, jnp.floating):
+    kernel = kernel.astype(x.dtype)
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=_float_precision(x.dtype, precision))
+
+
+class BinaryConv(QuantConv):
+  """The presets' binary convolution: a `QuantConv` as released.
+
+  Stage 2 (`binary_weights=True`): kernel quantizer 'scaled_sign' (mean|W| * sign(W) per
+  output channel, clipped STE) and the released U(0, 1e-3) start; stage 1: real weights
+  with torch's default init. The parameter is the same real `kernel` in both stages, so a
+  stage-1 state loads into a stage-2 model unchanged. The input is expected to be binary
+  already (the block's `BinaryActivation` signs it, shared by several convs).
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 1,
                stride: int = 1, padding: int = 0, *, binary_weights: bool,
                rngs: nnx.Rngs):
-    init = binary_weight_init if binary_weights else torch_default_init
-    self.kernel = nnx.Param(init(
-        rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
-    self.stride = stride
-    self.padding = padding
-    self.binary_weights = binary_weights
-    self.compute_dtype = "float32"
-    self.precision = "highest"  # set by models.set_dtype_policy
-
-  def weight(self):
-    w = self.kernel[...]
-    return binarize.binarize_weight(w) if self.binary_weights else w
-
-  def __call__(self, x):
-    operands = self.compute_dtype
-    if operands == "float32" and jnp.dtype(x.dtype).itemsize < 4:
-      operands = x.dtype  # ±1 is exact in bfloat16 / float16: no float32 copy
-    if self.binary_weights and operands != "float32":
-      return binary_conv_lowp(x, self.kernel[...], self.stride, self.padding,
-                              jnp.dtype(operands), self.precision)
-    return conv2d(x, self.weight(), self.stride, self.padding, self.precision)
+    super().__init__(in_features, out_features, kernel_size, stride, padding,
+                     kernel_quantizer="scaled_sign" if binary_weights else None,
+                     kernel_init=binary_weight_init if binary_weights else torch_default_init,
+                     rngs=rngs)
 
 
 class Linear(nnx.Module):
@@ -429,6 +498,39 @@ class Linear(nnx.Module):
     with jax.named_scope("dense"):  # kept float32 under the mixed policy (tests look for it)
       y = jnp.matmul(x, self.kernel[...], precision=_float_precision(x.dtype, self.precision))
       return y + self.bias[...] if self.bias is not None else y
+
+
+class QuantDense(nnx.Module):
+  """Dense layer with optional input and kernel quantizers (larq's `QuantDense`).
+
+  y = q_in(x) @ q_k(W) + b, `kernel` (in, out) float32, `bias` (out,) or None. The
+  quantizers are as in `QuantConv` ('scaled_sign' scales per output unit, over `in`);
+  `kernel_init` defaults to `default_kernel_init` (symmetric). x: (..., in) -> (..., out).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               input_quantizer=None, kernel_quantizer=None, kernel_init=None,
+               rngs: nnx.Rngs):
+    init = kernel_init or default_kernel_init
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
+    self.bias = (nnx.Param(_torch_bias_init(in_features)(rngs.params(), (out_features,)))
+                 if use_bias else None)
+    self.input_quantizer = binarize.get(input_quantizer)
+    self.kernel_quantizer = binarize.get(kernel_quantizer)
+    self.precision = "highest"  # set by models.set_dtype_policy
+
+  @property
+  def binary_weights(self) -> bool:
+    return self.kernel_quantizer is not None
+
+  def __call__(self, x):
+    if self.input_quantizer is not None:
+      x = self.input_quantizer(x)
+    w = self.kernel[...]
+    if self.kernel_quantizer is not None:
+      w = self.kernel_quantizer(w)
+    y = jnp.matmul(x, w.astype(x.dtype), precision=_float_precision(x.dtype, self.precision))
+    return y + self.bias[...] if self.bias is not None else y
 
 
 def avg_pool_2x2(x):
@@ -476,7 +578,8 @@ def global_avg_pool(x):
 
 
 __all__: Sequence[str] = [
-    "LearnableBias", "PReLU", "RPReLU", "BatchNorm", "Conv", "BinaryConv", "Linear",
+    "LearnableBias", "PReLU", "RPReLU", "BatchNorm", "Conv", "QuantConv", "BinaryConv",
+    "QuantDense", "Linear", "default_kernel_init",
     "conv2d", "avg_pool_2x2", "max_pool_3x3", "group_shift", "long_range_shifts",
     "global_avg_pool",
 ]

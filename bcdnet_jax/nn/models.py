@@ -20,6 +20,15 @@ from bcdnet_jax import errors
 from bcdnet_jax.nn import blocks
 from bcdnet_jax.nn import quantizers as binarize
 from bcdnet_jax.nn.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
+from bcdnet_jax.nn.registry import (  # noqa: F401  (re-exported: models.register_model, ...)
+  MODELS,
+  build_custom,
+  config_overrides,
+  heads,
+  is_custom_name,
+  register_model,
+  resolve_builder,
+)
 
 BCDNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 1024)
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
@@ -95,6 +104,10 @@ class ModelSpec:
     architecture.
   activation_sign: surrogate gradient of the activation sign ('approx' as released,
     'ste' clipped or 'identity' straight-through, for ablations).
+  builder: with family 'custom', a user's network: a name registered with
+    `register_model` or 'module:function' (see `build_custom`); the architecture fields
+    above do not apply to it, stage / num_classes / in_channels / compute_dtype /
+    dtype_policy do.
   """
 
   family: str = "mobilenet"
@@ -114,6 +127,7 @@ class ModelSpec:
   stage: int = 2
   num_classes: int = 1000
   in_channels: int = 3
+  builder: str = ""
 
   def validate(self):
     """Checks every field's type and range; raises ValueError naming the field."""
@@ -121,8 +135,12 @@ class ModelSpec:
       value = getattr(self, name)
       if not check(value):
         raise ValueError(f"model spec: {name} must be {want}, got {value!r}")
-    if self.family not in ("mobilenet", "resnet18", "resnet50"):
+    if self.family not in FAMILIES:
       raise ValueError(f"model spec: unknown family {self.family!r}")
+    if (self.family == "custom") != bool(self.builder):
+      raise ValueError("model spec: family 'custom' and a builder (a registered model name "
+                       f"or module:function) go together, got family={self.family!r}, "
+                       f"builder={self.builder!r}")
     if self.stage not in (1, 2):
       raise ValueError(f"model spec: stage must be 1 or 2, got {self.stage!r}")
     if self.num_classes < 1:
@@ -173,6 +191,8 @@ class ModelSpec:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
+    if not d["builder"]:
+      del d["builder"]  # presets' records stay as they were
     for k, v in d.items():
       if isinstance(v, tuple):
         d[k] = list(v)
@@ -220,7 +240,10 @@ _FIELD_TYPES = {
     "stage": (_is_int, "1 or 2"),
     "num_classes": (_is_int, "an int"),
     "in_channels": (_is_int, "an int"),
+    "builder": (lambda v: isinstance(v, str), "a string"),
 }
+
+FAMILIES = ("mobilenet", "resnet18", "resnet50", "custom")
 
 
 PRESETS: dict[str, dict] = {
@@ -248,9 +271,21 @@ PRESETS: dict[str, dict] = {
 
 def get_spec(name: str, *, stage: int = 2, num_classes: int = 1000,
              **overrides) -> ModelSpec:
-  """The preset `name` with overrides applied (e.g. channels=[...], mlp_groups=1)."""
+  """The preset `name` with overrides applied (e.g. channels=[...], mlp_groups=1), or the
+  spec of a user's network: `name` registered with `register_model`, or 'module:function'
+  (family 'custom'; overrides: in_channels and the arithmetic fields only)."""
   if name not in PRESETS:
-    raise ValueError(f"unknown model name {name!r}; expected one of {sorted(PRESETS)}")
+    if not is_custom_name(name):
+      raise ValueError(f"unknown model name {name!r}; expected one of {sorted(PRESETS)}, "
+                       "a name registered with register_model, or module:function")
+    resolve_builder(name)  # importable, callable
+    allowed = {"in_channels", *ARITHMETIC_FIELDS}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+      raise ValueError(f"override {bad[0]!r} does not apply to the custom model {name!r} "
+                       f"(only {sorted(allowed)} do; its builder decides the architecture)")
+    return ModelSpec(family="custom", builder=name, stage=stage, num_classes=num_classes,
+                     **overrides).validate()
   fields = {f.name for f in dataclasses.fields(ModelSpec)}
   kw = dict(PRESETS[name])
   mlp_width = overrides.pop("mlp_width", None)
@@ -431,8 +466,11 @@ def set_dtype_policy(model: nnx.Module, policy: str) -> nnx.Module:
 
 
 def _construct(spec: ModelSpec, seed) -> nnx.Module:
-  cls = ResNet50 if spec.family == "resnet50" else BCDNet
-  model = cls(spec, rngs=nnx.Rngs(seed))
+  if spec.family == "custom":
+    model = build_custom(spec, seed)
+  else:
+    cls = ResNet50 if spec.family == "resnet50" else BCDNet
+    model = cls(spec, rngs=nnx.Rngs(seed))
   dtype = resolve_compute_dtype(spec.compute_dtype)
   if dtype != "float32":
     model.set_attributes(compute_dtype=dtype, raise_if_not_found=False)
@@ -478,8 +516,10 @@ def check_image_size(spec: ModelSpec, image_size: int, name: str = "config.image
                    jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
                                         jnp.float32))
   except (TypeError, ValueError) as e:
+    arch = (spec.builder if spec.family == "custom"
+            else f"{spec.family} {list(block_strides(spec))}")
     raise errors.ConfigError(f"{name}: {image_size} px images do not fit the strides of "
-                             f"{spec.family} {list(block_strides(spec))}: "
+                             f"{arch}: "
                              f"{str(e).splitlines()[0][:200]}") from None
 
 def cast_floating(model: nnx.Module, dtype) -> nnx.Module:

@@ -72,7 +72,8 @@ def _models():
 
 # field -> (is the value valid (value, whole config), what a valid value is)
 FIELDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
-    "model.name": (lambda v, c: v in _models().PRESETS, "a model name of models.PRESETS"),
+    "model.name": (lambda v, c: v in _models().PRESETS or _models().is_custom_name(v),
+                   "a model name of models.PRESETS, a registered name or module:function"),
     "model.stage": (_in((1, 2)), "1 or 2"),
     "model.num_classes": (lambda v, c: _int(v) and v >= 0, "an integer >= 0 (0: the data set's)"),
     "model.overrides": (lambda v, c: _mapping(v), "a mapping of ModelSpec fields"),
@@ -249,8 +250,9 @@ def deviations(config) -> list[str]:
   """The ways a training config leaves the released recipe on purpose (config.json)."""
   out = []
   if is_none(config.teacher_dir):
-    out.append(f"teacher_dir={NONE}: no distillation; the second head learns from the "
-               "labels (label-smoothed CE) instead of from the ResNet-50 teacher")
+    out.append(f"teacher_dir={NONE}: no distillation; the second head (of a one-head "
+               "model, its only one) learns from the labels (label-smoothed CE) instead of "
+               "from the ResNet-50 teacher")
   if config.model.stage == 2 and is_none(config.init_from):
     out.append(f"init_from={NONE}: stage 2 starts from fresh weights instead of the "
                "stage-1 run")

@@ -2,7 +2,9 @@
 the training step, written to TensorBoard and `workdir/diagnostics.jsonl`, with warnings
 when a layer's weights freeze or churn or its activations lose their balance.
 
-Per binary convolution (`BinaryConv`, named as in `bcdnet-summary`'s table):
+Per binary convolution (every `QuantConv`, `BinaryConv` among them, of any model built from
+`bcdnet_jax.nn`, named as in `bcdnet-summary`'s table; the weight statistics for those with
+a kernel quantizer):
 
 - `flip_ratio` (stage 2): the fraction of the binary weight's signs sign(W) in {-1, 0, 1}
   that differ from those at the previous diagnostics step (at the first one: from the
@@ -90,7 +92,15 @@ class Layout:
 def layout(spec: models.ModelSpec, image_size: int = 32) -> Layout:
   """The `Layout` of `spec`'s model, from an abstract forward pass on one image (nothing
   is allocated; `image_size` only has to fit the strides)."""
-  graphdef, state = nnx.split(models.abstract_model(spec))
+  return model_layout(models.abstract_model(spec), (image_size, image_size,
+                                                    spec.in_channels))
+
+
+def model_layout(model: nnx.Module, input_shape) -> Layout:
+  """The `Layout` of any model built from `bcdnet_jax.nn` layers (concrete or abstract),
+  from an abstract forward pass on one example of `input_shape` (no batch axis): its
+  `QuantConv`s, `BinaryActivation`s and `RPReLU`s in call order."""
+  graphdef, state = nnx.split(model)
   calls: list = []
 
   def forward(state, x):
@@ -100,12 +110,12 @@ def layout(spec: models.ModelSpec, image_size: int = 32) -> Layout:
              if isinstance(node, nnx.Module)}
     originals = {}
     try:
-      for cls in (blocks.BinaryActivation, layers.BinaryConv, layers.RPReLU):
+      for cls in (blocks.BinaryActivation, layers.QuantConv, layers.RPReLU):
         originals[cls] = cls.__call__
 
-        def call(self, x, _orig=originals[cls]):
+        def call(self, x, *a, _orig=originals[cls], **kw):
           calls.append(paths[id(self)])
-          return _orig(self, x)
+          return _orig(self, x, *a, **kw)
 
         cls.__call__ = call
       return model(x)
@@ -114,18 +124,18 @@ def layout(spec: models.ModelSpec, image_size: int = 32) -> Layout:
         cls.__call__ = orig
 
   jax.eval_shape(forward, state,
-                 jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
-                                      jnp.float32))
-  model = models.abstract_model(spec)
+                 jax.ShapeDtypeStruct((1, *tuple(input_shape)), jnp.float32))
   kinds = {tuple(path): node for path, node in nnx.iter_graph(model)
            if isinstance(node, nnx.Module)}
   seen: dict = {}
   for path in calls:
     seen.setdefault(path, None)
   of = lambda cls: tuple(p for p in seen if isinstance(kinds[p], cls))  # noqa: E731
-  convs = of(layers.BinaryConv)
+  convs = tuple(p for p in of(layers.QuantConv) if kinds[p].kernel_quantizer is not None)
+  convs = convs or of(layers.QuantConv)  # stage 1: grad norms of the real weights
   return Layout(convs=convs, signs=of(blocks.BinaryActivation), rprelus=of(layers.RPReLU),
-                binary_weights=spec.stage == 2 and bool(convs), order=tuple(seen))
+                binary_weights=any(kinds[p].kernel_quantizer is not None for p in convs),
+                order=tuple(seen))
 
 
 def _at(tree, path):

@@ -51,7 +51,7 @@ def resolve_num_classes(config, source) -> int:
 
 def model_spec(config, num_classes):
   try:
-    overrides = dict(config.model.overrides)
+    overrides = models.config_overrides(config.model.name, dict(config.model.overrides))
     overrides.setdefault("compute_dtype", config.model.compute_dtype)
     overrides.setdefault("dtype_policy", config.model.dtype_policy)
     return models.get_spec(config.model.name, stage=config.model.stage,

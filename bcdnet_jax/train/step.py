@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from bcdnet_jax import preprocessing
+from bcdnet_jax.nn import models
 from bcdnet_jax.train import diagnostics as diag_lib
 
 
@@ -120,9 +121,10 @@ def make_train_step(train_graphdef, tx, config, teacher_graphdef=None, diagnosti
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state["batch_stats"], copy=True)
       if diagnostics is not None:
-        (logits, logits_dist), sign_inputs = diag_lib.forward_recording(model, images)
+        out, sign_inputs = diag_lib.forward_recording(model, images)
       else:
-        (logits, logits_dist), sign_inputs = model(images), None
+        out, sign_inputs = model(images), None
+      logits, logits_dist = models.heads(out)  # one head or BCDNet's two
       ce = smoothed_cross_entropy(logits, labels, smoothing)
       if teacher_graphdef is not None:
         teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
