@@ -55,7 +55,8 @@ def _value(v) -> str:
 
 
 def _cell(text: str) -> str:
-  return text.replace("|", "\\|")
+  """Table-cell text: a `|` would end the cell, `<name>` would be an HTML tag."""
+  return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def table() -> str:
