@@ -4,12 +4,12 @@ workdirs as one error line, and the page rendered in headless Chromium with ever
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import ml_collections
 import numpy as np
 import pytest
+from helpers import browser
 from helpers.configs import small_config
 from PIL import Image
 
@@ -215,13 +215,6 @@ def test_out_that_cannot_be_written_is_one_error_line(tmp_path, capsys):
     os.chmod(tmp_path / "ro", 0o755)
 
 
-def _chromium():
-  exe = shutil.which("chromium") or shutil.which("chromium-browser")
-  assert exe, ("headless Chromium is needed (Debian: apt-get install -y chromium; "
-               ".ci/run installs it)")
-  return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-
-
 _IMG_CHECK = """<script>window.addEventListener('load', function () {
   var r = [];
   document.querySelectorAll('img').forEach(function (i) {
@@ -233,14 +226,15 @@ _IMG_CHECK = """<script>window.addEventListener('load', function () {
 });</script>"""
 
 
-def rendered_images(out_dir):
-  """[{src, ok, w, h}] of every <img> of index.html once Chromium has loaded the page."""
+def rendered_images(out_dir, chrome):
+  """[{src, ok, w, h}] of every <img> of index.html once Chromium (the command line
+  `chrome`) has loaded the page."""
   with open(os.path.join(out_dir, "index.html")) as f:
     page = f.read()
   probe = os.path.join(out_dir, "_probe.html")  # beside it: the same relative image paths
   with open(probe, "w") as f:
     f.write(page.replace("</body>", _IMG_CHECK + "</body>"))
-  dom = subprocess.run(_chromium() + ["--virtual-time-budget=10000", "--dump-dom",
+  dom = subprocess.run(chrome + ["--virtual-time-budget=10000", "--dump-dom",
                                       "file://" + probe],
                        capture_output=True, text=True, timeout=120).stdout
   os.remove(probe)
@@ -251,16 +245,17 @@ def rendered_images(out_dir):
 
 @pytest.mark.slow
 def test_page_renders_every_image_in_headless_chromium(tmp_path):
+  chrome = browser.chromium()  # skipped without Chromium, unless BCDNET_REQUIRE_BROWSER=1
   wd = synthetic_pipeline(str(tmp_path / "run"))
   out = os.path.dirname(report.build(wd))
-  imgs = rendered_images(out)
+  imgs = rendered_images(out, chrome)
   assert sorted(i["src"] for i in imgs) == sorted(["training.png"] + ALL_HEATMAPS)
   for i in imgs:
     assert i["ok"], i
     with Image.open(os.path.join(out, i["src"])) as im:
       assert (i["w"], i["h"]) == im.size
   shot = str(tmp_path / "shot.png")
-  subprocess.run(_chromium() + [f"--screenshot={shot}", "--window-size=1280,2400",
+  subprocess.run(chrome + [f"--screenshot={shot}", "--window-size=1280,2400",
                                 "file://" + os.path.join(out, "index.html")],
                  capture_output=True, timeout=120, check=True)
   with Image.open(shot) as im:
@@ -270,7 +265,7 @@ def test_page_renders_every_image_in_headless_chromium(tmp_path):
   assert len(np.unique(px.reshape(-1, 3), axis=0)) > 500
   # the check can fail: a missing plot is reported broken
   os.remove(os.path.join(out, "sign_band.png"))
-  broken = [i["src"] for i in rendered_images(out) if not i["ok"]]
+  broken = [i["src"] for i in rendered_images(out, chrome) if not i["ok"]]
   assert broken == ["sign_band.png"]
 
 
@@ -316,3 +311,23 @@ def test_report_of_real_runs_in_progress_resumed_and_pipeline(tmp_path, digits_d
   assert report._matrix(stages, "flip_ratio")[1] == [3, 4, 5]  # stage 2's steps 1-3
   assert report._matrix(stages, "pos_fraction")[1] == [1, 2, 3, 4, 5]
   assert "<td>stage1</td>" in page and "<td>stage2</td>" in page
+
+
+@pytest.mark.parametrize("require, outcome", [(None, pytest.skip.Exception),
+                                               ("0", pytest.skip.Exception),
+                                               ("1", pytest.fail.Exception)])
+def test_without_chromium_the_browser_test_skips_unless_ci_requires_it(monkeypatch, require,
+                                                                       outcome):
+  """One skip reason on a machine without Chromium; a failure where .ci/run requires it."""
+  monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+  if require is None:
+    monkeypatch.delenv(browser.REQUIRE_VAR, raising=False)
+  else:
+    monkeypatch.setenv(browser.REQUIRE_VAR, require)
+  with pytest.raises(outcome) as e:
+    browser.chromium()
+  msg = str(e.value)
+  assert msg.startswith("no headless Chromium on PATH (") and "apt-get install -y chromium" in msg
+  assert ("BCDNET_REQUIRE_BROWSER is set" in msg) == (require == "1"), msg
+  monkeypatch.setattr(browser.shutil, "which", lambda name: f"/usr/bin/{name}")
+  assert browser.chromium()[:2] == ["/usr/bin/chromium", "--headless"]

@@ -163,8 +163,29 @@ def _short(v) -> str:
   return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_fields(config) -> None:
-  """Every field by the table: known, of its type, in its range."""
+def check_complete(config, source: str = "the config") -> None:
+  """The config is an `ml_collections.ConfigDict` with every field of the table: a config
+  file written from scratch (a plain dict, or without `mode`) would otherwise fail far
+  into the run on the first field read. `source` names it (main.py: '--config=FILE')."""
+  import ml_collections
+  if not isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    raise ConfigError(f"{source}: get_config() returns a {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; start from configs/default.py "
+                      "(c = default.get_config(), then set fields) as configs/digits.py does")
+  present = leaves(config)
+  missing = [k for k in FIELDS if k not in present]
+  if missing:
+    more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}" + (
+        ", ...)" if len(missing) > 4 else ")") if len(missing) > 1 else ""
+    raise ConfigError(f"{source}: config.{missing[0]} is missing{more}; start from "
+                      "configs/default.py (c = default.get_config(), then set fields), which "
+                      "has every field")
+
+
+def check_fields(config, source: str = "the config") -> None:
+  """Every field by the table: present (`check_complete`), known, of its type, in its
+  range."""
+  check_complete(config, source)
   for key, value in leaves(config).items():
     if key not in FIELDS:
       raise ConfigError(f"config.{key}: unknown field (see configs/default.py)")
