@@ -52,6 +52,7 @@ def readme_example() -> str:
 
 def test_readme_is_short_and_its_example_is_on_the_building_page():
   assert len(README.read_text(encoding="utf-8").splitlines()) <= 220
+  assert BUILDING.is_file(), f"{BUILDING} is missing (the guide of bcdnet_jax.nn)"
   assert readme_example().strip() in BUILDING.read_text(encoding="utf-8")
 
 
