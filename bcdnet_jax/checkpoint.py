@@ -25,6 +25,7 @@ from bcdnet_jax.nn import models
 SPEC_FILE = "model.json"
 STATE_DIR = "state"
 TRAIN_CHECKPOINTS = "checkpoints"  # a training workdir's Orbax CheckpointManager
+TRAIN_ITEMS = ("state", "model", "meta")  # its items: train state, model weights, step
 FORMAT_VERSION = 1
 
 
@@ -259,7 +260,7 @@ def _restore_from_training(path, target):
   quiet = _DropMessage("Given directory is read only")
   absl_log.addFilter(quiet)
   try:
-    manager = ocp.CheckpointManager(path, item_names=("state", "model", "meta"),
+    manager = ocp.CheckpointManager(path, item_names=TRAIN_ITEMS,
                                     options=ocp.CheckpointManagerOptions(
                                         read_only=True, save_interval_steps=0, create=False,
                                         max_to_keep=None))

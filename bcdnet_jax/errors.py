@@ -18,6 +18,11 @@ class UserError(ValueError):
   """Bad input named by the message (file, key, shape or config field)."""
 
 
+class ConfigError(UserError):
+  """An invalid configuration or flag value, reported before anything is compiled or
+  written (`bcdnet_jax.train.config` checks every field)."""
+
+
 def report(e: BaseException, prog: str = "error") -> int:
   print(f"{prog}: {e}", file=sys.stderr)
   return EXIT_USER_ERROR

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from bcdnet_jax import errors
+
 MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet, as torchvision's Normalize in the recipe
 STDDEV_RGB = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 224
@@ -40,6 +42,36 @@ def record(image_size: int = IMAGE_SIZE, crop_ratio: float = CROP_RATIO,
 
 DEFAULT = record()
 
+
+
+def image_size_ok(v, recorded_allowed: bool = False) -> bool:
+  """A positive integer; 0 (the model's recorded size) where a record exists."""
+  return isinstance(v, int) and not isinstance(v, bool) and (
+      v > 0 or (recorded_allowed and v == 0))
+
+
+def crop_ratio_ok(v, recorded_allowed: bool = False) -> bool:
+  """In (0, 1]; 0 (the model's recorded ratio) where a record exists."""
+  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (0 < v <= 1 or (recorded_allowed and v == 0)))
+
+
+def check_preprocessing(image_size, crop_ratio, *, names=("config.image_size",
+                        "config.eval_crop_ratio"), recorded_allowed: bool = False) -> None:
+  """The image size and crop ratio rules of the config table, for every entry point
+  (predict's --image_size / --crop_ratio too).
+
+  Raises:
+    errors.ConfigError: naming `names[0]` or `names[1]` and the valid range.
+  """
+  if not image_size_ok(image_size, recorded_allowed):
+    raise errors.ConfigError(f"{names[0]}: must be a positive integer"
+                             f"{' (0: the recorded size)' if recorded_allowed else ''}, got "
+                             f"{image_size!r}")
+  if not crop_ratio_ok(crop_ratio, recorded_allowed):
+    raise errors.ConfigError(
+        f"{names[1]}: must be in (0, 1] (224/256 resizes to 256 and crops 224)"
+        f"{'; 0: the recorded ratio' if recorded_allowed else ''}, got {crop_ratio!r}")
 
 def normalize(images, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
   """torchvision's `ToTensor` + `Normalize(mean, std)` on uint8 NHWC images:

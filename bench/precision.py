@@ -96,12 +96,12 @@ def digits_test_images(model_dir: str):
   import numpy as np
 
   from bcdnet_jax import checkpoint, data, preprocessing
-  from bcdnet_jax.train import trainer as train
+  from bcdnet_jax.train import plan as plan_lib
   from configs import digits
   pre = preprocessing.resolve(checkpoint.read_preprocessing(model_dir), image_size=0,
                               crop_ratio=0.0, where=model_dir)
   source = data.open_source("digits", "test", tempfile.mkdtemp(prefix="digits_"))
-  dcfg = dataclasses.replace(train._data_config(digits.get_config()),
+  dcfg = dataclasses.replace(plan_lib.data_config(digits.get_config()),
                              image_size=pre["image_size"], eval_crop_ratio=pre["crop_ratio"])
   batches, _, _ = data.eval_batches(source, dcfg, 120, 120)
   images, labels = [], []

@@ -71,7 +71,7 @@ def jax_setup(a):
 
   from bcdnet_jax import runtime
   from bcdnet_jax.nn import models
-  from bcdnet_jax.train import trainer as train
+  from bcdnet_jax.train import step as step_lib
   from configs import default
 
   cfg = default.get_config()
@@ -79,8 +79,8 @@ def jax_setup(a):
                          compute_dtype=a.precision if a.precision != "fp32" else "float32",
                          dtype_policy=a.policy)
   model = models.build(spec)
-  train_def, eval_def, params, batch_stats = train.split_model(model)
-  tx, _ = train.make_optimizer(cfg, 1000)
+  train_def, eval_def, params, batch_stats = step_lib.split_model(model)
+  tx, _ = step_lib.make_optimizer(cfg, 1000)
   teacher_def = teacher_state = None
   if a.teacher:
     teacher = models.create_model("resnet50", num_classes=a.num_classes,
@@ -91,7 +91,7 @@ def jax_setup(a):
   if getattr(a, "diagnostics", False):
     from bcdnet_jax.train import diagnostics
     lay = diagnostics.layout(spec, a.image_size)
-  step_fn = train.make_train_step(train_def, tx, cfg, teacher_def, lay)
+  step_fn = step_lib.make_train_step(train_def, tx, cfg, teacher_def, lay)
   step = jax.jit(step_fn, donate_argnums=0, compiler_options=runtime.compiler_options())
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jax.numpy.zeros((), jax.numpy.int32)}

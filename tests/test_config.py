@@ -8,8 +8,9 @@ import ml_collections
 import pytest
 from helpers.configs import small_config
 
+from bcdnet_jax import train
 from bcdnet_jax.train import config as config_lib
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import pipeline as pipeline_lib
 from configs import default, digits, imagenet, stage1, stage2
 
 # One out-of-range or wrong-type value per field of configs/default.py.
@@ -69,12 +70,12 @@ def test_the_issue_cases_in_training_write_nothing(tmp_path, digits_dir):
   for key, value in cases.items():
     field = key.split("=")[0]
     c = small_config(digits_dir, **{field: value})
-    with pytest.raises(train.ConfigError, match=f"^config.{field}: must be "):
+    with pytest.raises(config_lib.ConfigError, match=f"^config.{field}: must be "):
       train.run(c, str(tmp_path / "w"))
   # unknown fields of a pipeline stage are named too
   c = small_config(digits_dir)
   c.pipeline = ml_collections.ConfigDict({"s1": {"num_trian_steps": 3}})
-  with pytest.raises(train.ConfigError, match="config.pipeline.s1.num_trian_steps: unknown"):
+  with pytest.raises(config_lib.ConfigError, match="config.pipeline.s1.num_trian_steps: unknown"):
     train.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
@@ -118,15 +119,15 @@ def test_imagenet_config_is_stage1_then_stage2_then_three_test_sets():
   assert list(c.pipeline) == ["stage1", "stage2"]
   assert c.eval_datasets == "imagenet2012,imagenet_v2,imagenet2012_real"
   with pytest.raises(config_lib.ConfigError, match="config.teacher_dir"):
-    train._run_pipeline(c, "/tmp/unused-bcdnet-workdir", None)
+    pipeline_lib.run_pipeline(c, "/tmp/unused-bcdnet-workdir", None)
   for name, mod in (("stage1", stage1), ("stage2", stage2)):
-    got = train._stage_config(c, name, c.pipeline[name], set()).to_dict()
+    got = pipeline_lib.stage_config(c, name, c.pipeline[name], set()).to_dict()
     want = mod.get_config().to_dict()
     for key in ("pipeline", "eval_datasets"):
       got.pop(key), want.pop(key)
     assert got == want, name  # every value of configs/stageN.py, and only those
-  assert train._stage_config(c, "stage1", c.pipeline.stage1, set()).num_train_steps == 300_000
-  assert train._stage_config(c, "stage2", c.pipeline.stage2, set()).num_train_steps == 600_000
+  assert pipeline_lib.stage_config(c, "stage1", c.pipeline.stage1, set()).num_train_steps == 300_000
+  assert pipeline_lib.stage_config(c, "stage2", c.pipeline.stage2, set()).num_train_steps == 600_000
 
 
 # --- the checks every entry point shares ----------------------------------------------------

@@ -197,7 +197,7 @@ def _save(path, fmt, mode="RGB", **kw):
 def test_folder_dataset_of_bmp_gif_webp_trains(tmp_path):
   from helpers.configs import small_config
 
-  from bcdnet_jax.train import trainer as train
+  from bcdnet_jax.train import loop
   root = tmp_path / "imgs"
   for split in ("train", "val"):
     for c in ("cat", "dog"):
@@ -207,7 +207,7 @@ def test_folder_dataset_of_bmp_gif_webp_trains(tmp_path):
       _save(str(root / split / c / "d.png"), "PNG")
   c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{root}", eval_split="val",
                    num_train_steps=2, batch_size=4, base_batch_size=4, eval_batch_size=4)
-  res = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  res = loop.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res["steps"] == 2 and res["num_eval_examples"] == 8
   assert 0 <= res["input_wait_fraction"] <= 1
 
@@ -218,10 +218,11 @@ sys.path.insert(0, os.path.join({root!r}, "tests"))
 from helpers.configs import small_config
 from bcdnet_jax.deploy import export
 from bcdnet_jax.deploy import predict
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import evaluate as evaluate_lib
+from bcdnet_jax.train import loop
 wd, tmp, data_dir = {wd!r}, {tmp!r}, {data_dir!r}
-res = train.train_and_evaluate(small_config(data_dir, num_train_steps=1), wd)
-ev = train.evaluate(small_config(data_dir, mode="eval", checkpoint=wd), tmp + "/ev")
+res = loop.train_and_evaluate(small_config(data_dir, num_train_steps=1), wd)
+ev = evaluate_lib.evaluate(small_config(data_dir, mode="eval", checkpoint=wd), tmp + "/ev")
 art = tmp + "/m.bcdnet"
 export.export_checkpoint(wd, art)
 rc = predict.main(["--model", art, "--json", {png!r}])

@@ -15,8 +15,8 @@ from helpers.configs import small_config
 from bcdnet_jax import summary
 from bcdnet_jax.nn import models
 from bcdnet_jax.nn import quantizers as binarize
-from bcdnet_jax.train import diagnostics
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import diagnostics, loop
+from bcdnet_jax.train import step as step_lib
 from configs import default
 
 TINY = dict(channels=(8, 16), mlp_groups=1, mlp_group=("lsr", "pw"))
@@ -74,11 +74,11 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
   model = _known_model()
   spec = model.spec
   lay = diagnostics.layout(spec, 16)
-  train_def, _, params, batch_stats = train.split_model(model)
+  train_def, _, params, batch_stats = step_lib.split_model(model)
   cfg = default.get_config()
   cfg.learning_rate = 0.0  # the weights change only where the test flips them
-  tx, _ = train.make_optimizer(cfg, 10)
-  step = jax.jit(train.make_train_step(train_def, tx, cfg, None, lay))
+  tx, _ = step_lib.make_optimizer(cfg, 10)
+  step = jax.jit(step_lib.make_train_step(train_def, tx, cfg, None, lay))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
@@ -93,8 +93,8 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
     with binarize.record_sign_inputs(with_sites=True) as rec:
       logits, logits_dist = m(batch["image"])
     names = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(m)}
-    loss = (train.smoothed_cross_entropy(logits, batch["label"], cfg.label_smoothing)
-            + train.smoothed_cross_entropy(logits_dist, batch["label"],
+    loss = (step_lib.smoothed_cross_entropy(logits, batch["label"], cfg.label_smoothing)
+            + step_lib.smoothed_cross_entropy(logits_dist, batch["label"],
                                            cfg.label_smoothing)) / 2
     return loss, {names[id(site)]: x for site, x in rec}
 
@@ -159,7 +159,7 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
 def test_stage1_has_gradient_norms_and_signs_but_no_weight_statistics():
   model = models.build(tiny_spec(1))
   lay = diagnostics.layout(model.spec, 16)
-  _, _, params, _ = train.split_model(model)
+  _, _, params, _ = step_lib.split_model(model)
   assert diagnostics.init_signs(lay, params) == {}
   stats, vectors, signs = diagnostics.compute(
       lay, params, params, {"features.1.act1": jnp.ones((2, 4))}, {})
@@ -210,7 +210,7 @@ def test_diagnostics_leave_training_unchanged_and_are_written(tmp_path, digits_d
   runs = {}
   for every in (0, 1):
     wd = str(tmp_path / f"every{every}")
-    res = train.train_and_evaluate(
+    res = loop.train_and_evaluate(
         small_config(digits_dir, num_train_steps=4, diagnostics_every_steps=every), wd,
         return_params=True)
     with open(os.path.join(wd, "metrics.jsonl")) as f:

@@ -51,7 +51,7 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
 
   from helpers.configs import small_config
 
-  from bcdnet_jax.train import trainer as train
+  from bcdnet_jax.train import loop
   job = str(random.randint(10_000, 99_999))
   runs = {n: str(tmp_path / n) for n in ("one", "eight", "four", "multi")}
   procs = [launch(runs["multi"], digits_dir, 4, 2, env_extra={
@@ -60,7 +60,7 @@ def test_device_and_process_counts_compute_the_same(tmp_path, digits_dir):
       for i in range(2)]
   procs.append(launch(runs["four"], digits_dir, 4, 4))
   procs.append(launch(runs["eight"], digits_dir, 4, 8))
-  ref = train.train_and_evaluate(
+  ref = loop.train_and_evaluate(
       small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2), runs["one"],
       return_params=True)
   outs = [finish(p) for p in procs]

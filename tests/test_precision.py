@@ -10,9 +10,9 @@ from flax import nnx
 from helpers.configs import small_config
 from jax.extend import core as jcore
 
-from bcdnet_jax import checkpoint
+from bcdnet_jax import checkpoint, train
 from bcdnet_jax.nn import models, precision
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import step as step_lib
 from configs import default
 
 
@@ -43,9 +43,9 @@ def _tiny_train_step(policy, stage, compute_dtype):
   teacher = _tiny("resnet50", 2, policy)
   teacher.eval()
   teacher_def, teacher_state = nnx.split(teacher)
-  train_def, _, params, batch_stats = train.split_model(student)
-  tx, _ = train.make_optimizer(cfg, 10)
-  step = train.make_train_step(train_def, tx, cfg, teacher_def)
+  train_def, _, params, batch_stats = step_lib.split_model(student)
+  tx, _ = step_lib.make_optimizer(cfg, 10)
+  step = step_lib.make_train_step(train_def, tx, cfg, teacher_def)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)),

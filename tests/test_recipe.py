@@ -14,10 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers.configs import small_config
 
-from bcdnet_jax import checkpoint, runtime
+from bcdnet_jax import checkpoint, runtime, train
 from bcdnet_jax.deploy import predict
 from bcdnet_jax.nn import models
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import loop
+from bcdnet_jax.train import preemption as preemption_lib
+from bcdnet_jax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -42,12 +45,12 @@ def test_pipeline_resumes_after_a_kill_mid_stage2_and_evaluates_the_sets(tmp_pat
   # of stage 1 came before)
   script = (
       "import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-      "from test_recipe import pipeline_config; from bcdnet_jax import train\n"
+      "from test_recipe import pipeline_config; from bcdnet_jax.train import pipeline\n"
       "calls = []\n"
       "def hook(step):\n"
       "  calls.append(step)\n"
       "  if len(calls) == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
-      "train.train_and_evaluate(pipeline_config(%r), sys.argv[1], step_hook=hook)\n"
+      "pipeline.run_pipeline(pipeline_config(%r), sys.argv[1], hook)\n"
       % (ROOT, TESTS, digits_dir))
   proc = subprocess.run([sys.executable, "-c", script, wd], capture_output=True, text=True,
                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -97,7 +100,7 @@ def test_pipeline_resumes_after_a_kill_mid_stage2_and_evaluates_the_sets(tmp_pat
 
   # a finished pipeline run again: nothing trained or evaluated, results.json unchanged
   before = open(os.path.join(wd, "results.json"), "rb").read()
-  again = train.train_and_evaluate(pipeline_config(digits_dir), wd)
+  again = train.run(pipeline_config(digits_dir), wd)
   assert again["datasets"] == final["datasets"]
   assert open(os.path.join(wd, "results.json"), "rb").read() == before
 
@@ -123,18 +126,18 @@ def test_evaluation_checks_sizes_and_workdir_before_any_work(tmp_path, digits_di
     for k, v in kw.items():
       c[k] = v
     return c
-  with pytest.raises(train.ConfigError, match="^config.image_size: 30 px images do not fit"):
+  with pytest.raises(config_lib.ConfigError, match="^config.image_size: 30 px images do not fit"):
     train.run(cfg(image_size=30), str(tmp_path / "ev"))
-  with pytest.raises(train.ConfigError, match=r"^config.eval_crop_ratio: must be in \(0, 1\]"):
+  with pytest.raises(config_lib.ConfigError, match=r"^config.eval_crop_ratio: must be in \(0, 1\]"):
     train.run(cfg(eval_crop_ratio=2.0), str(tmp_path / "ev"))
   f = tmp_path / "a_file"
   f.write_text("x")
-  with pytest.raises(train.ConfigError, match="is a file, not a directory; nothing done"):
+  with pytest.raises(config_lib.ConfigError, match="is a file, not a directory; nothing done"):
     train.run(cfg(), str(f))
   # training: the same size rule, and the workdir, before compiling or writing
-  with pytest.raises(train.ConfigError, match="^config.image_size: 30 px images do not fit"):
+  with pytest.raises(config_lib.ConfigError, match="^config.image_size: 30 px images do not fit"):
     train.run(small_config(digits_dir, image_size=30), str(tmp_path / "tr"))
-  with pytest.raises(train.ConfigError, match="is a file, not a directory"):
+  with pytest.raises(config_lib.ConfigError, match="is a file, not a directory"):
     train.run(small_config(digits_dir), str(f))
   assert not (tmp_path / "ev").exists() and not (tmp_path / "tr").exists()
   assert f.read_text() == "x"
@@ -182,40 +185,40 @@ def test_disk_full_while_saving_is_one_line_and_loses_nothing(tmp_path, digits_d
                          "[os_error_code='28']") from cause
     return real_save(self, step, *a, **k)
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  with caplog.at_level("INFO"), pytest.raises(train.SaveError) as e:
-    train.train_and_evaluate(cfg, wd)
+  with caplog.at_level("INFO"), pytest.raises(workdir_lib.SaveError) as e:
+    loop.train_and_evaluate(cfg, wd)
   assert not [r for r in caplog.records if r.levelname == "ERROR"]  # held back, summarised
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("disk full while saving checkpoint 4")
   assert "nothing was lost: the last good checkpoint (step 2) is kept" in msg
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
-  assert train.train_and_evaluate(cfg, wd)["steps"] == 4  # space freed: it resumes
+  assert loop.train_and_evaluate(cfg, wd)["steps"] == 4  # space freed: it resumes
 
 
 def test_disk_full_is_recognised_in_orbax_errors_and_nothing_else():
-  assert train._disk_full(OSError(errno.ENOSPC, "x")) == "No space left on device"
-  assert train._disk_full(OSError(errno.EDQUOT, "x")) == "Disk quota exceeded"
+  assert workdir_lib.disk_full(OSError(errno.ENOSPC, "x")) == "No space left on device"
+  assert workdir_lib.disk_full(OSError(errno.EDQUOT, "x")) == "Disk quota exceeded"
   wrapped = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/4.orbax-checkpoint-"
                        "tmp/_sharding\": Failed to write 76858 bytes to file 8: No space "
                        "left on device [os_error_code='28']")
-  assert train._disk_full(wrapped) == "No space left on device"
+  assert workdir_lib.disk_full(wrapped) == "No space left on device"
   try:
     try:
       raise OSError(errno.ENOSPC, "full")
     except OSError as cause:
       raise RuntimeError("commit failed") from cause
   except RuntimeError as e:
-    assert train._disk_full(e) == "No space left on device"
-  assert train._disk_full(OSError(errno.EACCES, "denied")) is None
-  assert train._disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+    assert workdir_lib.disk_full(e) == "No space left on device"
+  assert workdir_lib.disk_full(OSError(errno.EACCES, "denied")) is None
+  assert workdir_lib.disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
 
 
 @pytest.mark.slow
 def test_second_ctrl_c_waits_for_a_checkpoint_being_written():
   """A second Ctrl-C interrupts a training step at once, but not a checkpoint save (Orbax's
   writer threads would leave a half-written step and thread tracebacks)."""
-  p = train._Preemption()
+  p = preemption_lib.Preemption()
   p._handle(signal.SIGINT, None)
   assert p.requested
   p.saving = True
@@ -228,7 +231,7 @@ def test_second_ctrl_c_waits_for_a_checkpoint_being_written():
 def test_ctrl_c_saves_and_stops_like_sigterm(tmp_path, digits_dir):
   wd = str(tmp_path / "int")
   before = signal.getsignal(signal.SIGINT)
-  out = train.train_and_evaluate(
+  out = loop.train_and_evaluate(
       small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=100), wd,
       step_hook=lambda s: os.kill(os.getpid(), signal.SIGINT) if s == 2 else None)
   assert out == {"preempted": True, "steps": 2}
@@ -240,8 +243,8 @@ def test_ctrl_c_saves_and_stops_like_sigterm(tmp_path, digits_dir):
 def test_divergence_before_any_checkpoint_says_so(tmp_path, digits_dir):
   cfg = small_config(digits_dir, learning_rate=1e36, num_train_steps=6,
                      checkpoint_every_steps=100)
-  with pytest.raises(train.TrainingDiverged) as e:
-    train.train_and_evaluate(cfg, str(tmp_path / "nan"))
+  with pytest.raises(workdir_lib.TrainingDiverged) as e:
+    loop.train_and_evaluate(cfg, str(tmp_path / "nan"))
   assert "no checkpoint had been saved yet" in str(e.value)
   assert "None" not in str(e.value)
 
@@ -270,7 +273,7 @@ def test_evaluation_refuses_a_training_workdir(tmp_path, digits_dir):
   (wd / "model.json").write_text("{}")
   (wd / "results.json").write_text('{"steps": 5}')
   c = small_config(digits_dir, mode="eval", checkpoint=str(wd))
-  with pytest.raises(train.ConfigError, match="holds a training run or a model"):
+  with pytest.raises(config_lib.ConfigError, match="holds a training run or a model"):
     train.run(c, str(wd))
   assert (wd / "results.json").read_text() == '{"steps": 5}'
   assert sorted(os.listdir(wd)) == ["model.json", "results.json"]
@@ -283,8 +286,8 @@ def test_a_rerun_with_other_values_says_which(tmp_path, caplog):
                               "model": {"name": "bcdnet_a", "stage": 2}}))
   same = {"batch_size": 8, "crop_scale": (0.08, 1.0), "model": {"name": "bcdnet_a", "stage": 2}}
   with caplog.at_level("WARNING", logger="bcdnet_jax"):
-    train._log_config_changes(str(path), same)
+    workdir_lib.log_config_changes(str(path), same)
     assert "differs" not in caplog.text  # tuples and lists are the same values
-    train._log_config_changes(str(path), {**same, "batch_size": 4,
+    workdir_lib.log_config_changes(str(path), {**same, "batch_size": 4,
                                           "model": {"name": "bcdnet_a", "stage": 1}})
   assert "batch_size: 8 -> 4" in caplog.text and "model.stage: 2 -> 1" in caplog.text

@@ -13,8 +13,7 @@ from helpers import browser
 from helpers.configs import small_config
 from PIL import Image
 
-from bcdnet_jax.train import report
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import loop, report
 
 LAYERS = ["features.1.conv3x3", "features.1.pw", "mlp.0.0.token_mlp"]
 SIGNS = ["features.1.act1", "features.1.act2"]
@@ -283,13 +282,13 @@ def test_report_of_real_runs_in_progress_resumed_and_pipeline(tmp_path, digits_d
       raise Killed
 
   with pytest.raises(Killed):
-    train.train_and_evaluate(cfg, wd, step_hook=stop_at_5)
+    loop.train_and_evaluate(cfg, wd, step_hook=stop_at_5)
   assert report.main([wd]) == 0  # in progress: steps 1-4 logged, no results
   page, sizes = check_report(os.path.join(wd, "report"), ALL_HEATMAPS)
   assert "run: step 4 of 6 logged, in progress" in page and "No evaluation results" in page
   assert report._matrix(report.find_stages(wd), "flip_ratio")[1] == [2, 4]
 
-  train.train_and_evaluate(cfg, wd)  # resumed from step 4
+  loop.train_and_evaluate(cfg, wd)  # resumed from step 4
   report.build(wd)
   page, _ = check_report(os.path.join(wd, "report"), ALL_HEATMAPS)
   (stage,) = report.find_stages(wd)
@@ -304,7 +303,7 @@ def test_report_of_real_runs_in_progress_resumed_and_pipeline(tmp_path, digits_d
       "stage1": {"model": {"stage": 1}, "num_train_steps": 2},
       "stage2": {"model": {"stage": 2}, "num_train_steps": 3}})
   pwd = str(tmp_path / "pipeline")
-  train.train_and_evaluate(pcfg, pwd)
+  loop.train_and_evaluate(pcfg, pwd)
   page, _ = check_report(os.path.join(pwd, "report"), ALL_HEATMAPS)
   stages = report.find_stages(pwd)
   assert [(s.name, s.offset) for s in stages] == [("stage1", 0), ("stage2", 2)]

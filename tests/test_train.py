@@ -17,10 +17,16 @@ import pytest
 from flax import nnx
 from helpers.configs import small_config
 
-from bcdnet_jax import checkpoint, data, preprocessing
+from bcdnet_jax import checkpoint, data, preprocessing, train
 from bcdnet_jax.interop import convert
 from bcdnet_jax.nn import models
-from bcdnet_jax.train import trainer as train
+from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import evaluate as evaluate_lib
+from bcdnet_jax.train import loop
+from bcdnet_jax.train import pipeline as pipeline_lib
+from bcdnet_jax.train import plan as plan_lib
+from bcdnet_jax.train import step as step_lib
+from bcdnet_jax.train import workdir as workdir_lib
 from configs import stage1, stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,31 +39,85 @@ def final_params(workdir):
 
 # --- schedules, optimiser, losses, config checks (no compilation of the model) ----------
 
-def test_stage1_schedule_matches_released_formula():
+class ReleasedCosine:
+  """The released scheduler, written from the recipe (BCDNET_REFERENCE.md, "The released
+  schedule, exactly"): the loop numbers its iterations k = 1, 2, ... and asks for the
+  learning rate of k before that iteration's update; plain Python floats (float64)."""
+
+  def __init__(self, base, peak, warmup, max_iter, floor=0.0):
+    self.base, self.peak, self.warmup, self.max_iter, self.floor = (base, peak, warmup,
+                                                                     max_iter, floor)
+
+  def get_lr(self, k):
+    if self.warmup >= 2 and k < self.warmup:
+      return self.base + (self.peak - self.base) * (k - 1) / (self.warmup - 1)
+    return self.floor + (self.peak - self.floor) * (
+        1 + math.cos(math.pi * (k - self.warmup) / (self.max_iter - self.warmup))) / 2
+
+
+def _short_config(**kw):
   c = stage1.get_config()
-  sched = train.learning_rate_schedule(c, c.num_train_steps)
-  for t in (0, 1, 7_500, 14_999):
-    assert math.isclose(float(sched(t)), 1e-3 + 3e-3 * t / 15_000, rel_tol=1e-5)
-  for t in (15_000, 100_000, 200_000, 299_999, 300_000):
-    expected = 0.5 * 4e-3 * (1 + math.cos(math.pi * (t - 15_000) / 285_000))
-    assert math.isclose(float(sched(t)), expected, rel_tol=1e-4, abs_tol=1e-10)
+  c.warmup_steps, c.num_train_steps = 3, 10
+  c.update(kw)
+  return c
 
 
-def test_stage2_schedule_and_linear_scaling():
-  c = stage2.get_config()
-  sched = train.learning_rate_schedule(c, c.num_train_steps)
-  for t in (0, 300_000, 600_000):
-    expected = 0.5 * 5e-4 * (1 + math.cos(math.pi * t / 600_000))
-    assert math.isclose(float(sched(t)), expected, rel_tol=1e-5, abs_tol=1e-12)
-  c.batch_size = 512
-  assert math.isclose(float(train.learning_rate_schedule(c, 600_000)(0)), 1e-3, rel_tol=1e-6)
+@pytest.mark.parametrize("name, config, released", [
+    ("stage 1", stage1.get_config, ReleasedCosine(1e-3, 4e-3, 15_000, 300_000)),
+    ("stage 2", stage2.get_config, ReleasedCosine(5e-4, 5e-4, 0, 600_000)),
+    ("warm-up 3 of 10", _short_config, ReleasedCosine(1e-3, 4e-3, 3, 10)),
+])
+def test_schedule_equals_the_released_one_at_every_step(name, config, released):
+  """Iteration k uses optax count k - 1; in float64 every step's value is the released one
+  to the last bit or two (jnp.cos vs math.cos); in float32 within float32 rounding."""
+  c = config()
+  sched = step_lib.learning_rate_schedule(c, c.num_train_steps)
+  k = np.arange(1, c.num_train_steps + 1)
+  want = np.array([released.get_lr(int(i)) for i in k])
+  with jax.enable_x64(True):
+    got = np.asarray(sched(jnp.asarray(k - 1)), np.float64)
+  # relative to the peak: near the end 1 + cos(.) cancels, so a relative error of the value
+  # itself measures only cos's last bit
+  diff = np.abs(got - want).max() / max(want)
+  print(f"{name}: {len(k)} steps, float64 max |difference| {diff:.2e} of the peak")
+  assert diff <= 1e-15
+  got32 = np.asarray(sched(jnp.asarray(k - 1, jnp.int32)), np.float64)
+  assert np.abs(got32 - want).max() <= 1e-6 * max(want)
+  if name == "stage 2":
+    assert got[0] == pytest.approx(5e-4 * (1 + math.cos(math.pi / 600_000)) / 2, rel=1e-15)
+  if name == "stage 1":
+    assert got[0] == 1e-3 and got[14_999] == pytest.approx(4e-3, rel=1e-15)
+
+
+def test_learning_rate_continues_the_released_sequence_after_a_resume():
+  """AdamW with zero gradients moves p by -lr * wd * p: the learning rate each update used.
+  Ten updates straight == two updates, the optimiser state taken to the host (what a
+  checkpoint keeps) and eight more: both the released warm-up-3 sequence."""
+  c = _short_config(weight_decay=0.5)
+  tx, _ = step_lib.make_optimizer(c, c.num_train_steps)
+  released = ReleasedCosine(1e-3, 4e-3, 3, 10)
+
+  def lrs(state, n):
+    out, p = [], jnp.ones(())
+    for _ in range(n):
+      updates, state = tx.update(jnp.zeros(()), state, p)
+      out.append(-float(updates) / 0.5)
+    return out, state
+
+  straight, _ = lrs(tx.init(jnp.ones(())), 10)
+  first, state = lrs(tx.init(jnp.ones(())), 2)
+  state = jax.tree.map(jnp.asarray, jax.device_get(state))  # resumed in the warm-up
+  rest, _ = lrs(state, 8)
+  want = [released.get_lr(k) for k in range(1, 11)]
+  np.testing.assert_allclose(straight, want, rtol=1e-6, atol=1e-12)
+  assert first + rest == straight
 
 
 def test_adamw_matches_torch_step_by_step():
   torch = pytest.importorskip("torch")
   c = stage1.get_config()
   c.warmup_steps, c.num_train_steps = 3, 10
-  tx, sched = train.make_optimizer(c, c.num_train_steps)
+  tx, sched = step_lib.make_optimizer(c, c.num_train_steps)
   rng = np.random.default_rng(0)
   w0 = rng.normal(size=(5,)).astype(np.float32)
   grads = rng.normal(size=(6, 5)).astype(np.float32)
@@ -84,12 +144,12 @@ def test_losses_match_torch():
   labels = np.array([0, 3, 6, 2])
   ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.from_numpy(logits),
                                                       torch.from_numpy(labels)).item()
-  assert math.isclose(float(train.smoothed_cross_entropy(jnp.asarray(logits),
+  assert math.isclose(float(step_lib.smoothed_cross_entropy(jnp.asarray(logits),
                                                          jnp.asarray(labels), 0.1)),
                       ce, rel_tol=1e-5)
   p = torch.softmax(torch.from_numpy(teacher), -1)
   kd = (-(p * torch.log_softmax(torch.from_numpy(logits), -1)).sum(-1)).mean().item()
-  assert math.isclose(float(train.distillation_loss(jnp.asarray(logits),
+  assert math.isclose(float(step_lib.distillation_loss(jnp.asarray(logits),
                                                     jnp.asarray(teacher))), kd, rel_tol=1e-5)
 
 
@@ -100,15 +160,15 @@ def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
            (dict(num_train_steps=0, num_epochs=0.0), "config.num_train_steps")]
   for kw, msg in cases:
     c = small_config(digits_dir, **kw)
-    with pytest.raises(train.ConfigError, match=msg or "not divisible by the 3 devices"):
+    with pytest.raises(config_lib.ConfigError, match=msg or "not divisible by the 3 devices"):
       config_lib.validate(c, num_devices=3 if msg is None else 1)
   c = small_config(digits_dir)
   c.model.name = "bcdnet_z"
-  with pytest.raises(train.ConfigError, match="config.model.name: must be a model name"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+  with pytest.raises(config_lib.ConfigError, match="config.model.name: must be a model name"):
+    loop.train_and_evaluate(c, str(tmp_path / "w"))
   c = small_config(digits_dir, init_from=str(tmp_path / "nothing"))
   with pytest.raises(checkpoint.CheckpointError, match="no such model directory"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    loop.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # nothing written
 
 
@@ -118,7 +178,7 @@ def test_invalid_configs_fail_before_compiling(tmp_path, digits_dir):
 def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   wd = str(tmp_path / "run")
   with caplog.at_level("INFO", logger="bcdnet_jax"):
-    res = train.train_and_evaluate(small_config(digits_dir), wd)
+    res = loop.train_and_evaluate(small_config(digits_dir), wd)
   # progress says it is compiling, then how long the first step took; the ETA counts
   # only the steps after it
   text = caplog.text
@@ -139,18 +199,18 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   # running again finds the finished run: nothing trained or evaluated, results.json (its
   # wall_time_s of the run that trained) unchanged
   written = open(os.path.join(wd, "results.json"), "rb").read()
-  again = train.train_and_evaluate(small_config(digits_dir), wd)
+  again = loop.train_and_evaluate(small_config(digits_dir), wd)
   assert again["steps"] == 6 and again["top1"] == res["top1"]
   assert open(os.path.join(wd, "results.json"), "rb").read() == written
   # evaluation mode on the workdir gives the same numbers
   c = small_config(digits_dir, mode="eval", checkpoint=wd)
-  ev = train.evaluate(c, str(tmp_path / "eval"))
+  ev = evaluate_lib.evaluate(c, str(tmp_path / "eval"))
   assert ev["top1"] == res["top1"] and ev["top5"] == res["top5"]
   # stage 2 from a stage-1 run; init_from an incompatible architecture fails, writes nothing
   bad = small_config(digits_dir, init_from=wd)
   bad.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 32), mlp_groups=1))
-  with pytest.raises(train.ConfigError, match="architecture differs"):
-    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  with pytest.raises(config_lib.ConfigError, match="architecture differs"):
+    loop.train_and_evaluate(bad, str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists()
 
 
@@ -158,14 +218,14 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
 def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
   """8 steps straight == 4 steps + the process SIGKILLed during step 5 + resumed."""
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(small_config(digits_dir, num_train_steps=8,
+  loop.train_and_evaluate(small_config(digits_dir, num_train_steps=8,
                                         checkpoint_every_steps=4), straight)
   resumed = str(tmp_path / "resumed")
   script = (
       "import os, signal, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-      "from helpers.configs import small_config; from bcdnet_jax import train\n"
+      "from helpers.configs import small_config; from bcdnet_jax.train import loop\n"
       "c = small_config(%r, num_train_steps=8, checkpoint_every_steps=4)\n"
-      "train.train_and_evaluate(c, sys.argv[1], step_hook=lambda s: s == 5 and "
+      "loop.train_and_evaluate(c, sys.argv[1], step_hook=lambda s: s == 5 and "
       "os.kill(os.getpid(), signal.SIGKILL))\n" % (ROOT, os.path.join(ROOT, "tests"),
                                                     digits_dir))
   proc = subprocess.run([sys.executable, "-c", script, resumed], capture_output=True,
@@ -173,7 +233,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["4"]
   cfg = small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=4)
-  res = train.train_and_evaluate(cfg, resumed)
+  res = loop.train_and_evaluate(cfg, resumed)
   assert res["steps"] == 8
   for a, b in zip(final_params(straight), final_params(resumed)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -182,7 +242,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, digits_dir):
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits(tmp_path, digits_dir):
   wd = str(tmp_path / "pre")
-  out = train.train_and_evaluate(
+  out = loop.train_and_evaluate(
       small_config(digits_dir, num_train_steps=8, checkpoint_every_steps=100), wd,
       step_hook=lambda s: os.kill(os.getpid(), signal.SIGUSR1) if s == 2 else None)
   assert out == {"preempted": True, "steps": 2}
@@ -195,8 +255,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, digits_dir):
   wd = str(tmp_path / "nan")
   cfg = small_config(digits_dir, learning_rate=1e36, num_train_steps=6,
                      checkpoint_every_steps=1)
-  with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
-    train.train_and_evaluate(cfg, wd)
+  with pytest.raises(workdir_lib.TrainingDiverged, match="last good checkpoint"):
+    loop.train_and_evaluate(cfg, wd)
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")))
   assert steps and steps[-1] < 6
   for x in final_params(wd):
@@ -210,11 +270,11 @@ def test_eval_of_converted_fixture_equals_direct_model_call(tmp_path, digits_dir
   convert.convert_file(fixture_ckpt("a_3"), "bcdnet_a", 2, out, num_classes=10,
                        overrides=dict(channels=TINY_CHANNELS), check=False)
   c = small_config(digits_dir, mode="eval", checkpoint=out, image_size=32, eval_batch_size=64)
-  res = train.evaluate(c, str(tmp_path / "ev"), return_predictions=True)
+  res = evaluate_lib.evaluate(c, str(tmp_path / "ev"), return_predictions=True)
   model = checkpoint.restore_model(out)
   model.eval()
   source = data.open_source("digits", "test", digits_dir)
-  batches, _, total = data.eval_batches(source, train._data_config(c), 64, 64)
+  batches, _, total = data.eval_batches(source, plan_lib.data_config(c), 64, 64)
   preds, labels = [], []
   fwd = nnx.jit(lambda m, x: m(preprocessing.normalize(x)))
   for batch in batches:
@@ -234,7 +294,7 @@ def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
                                 blocks_per_stage=[1, 1, 1, 1], seed=1)
   tdir = checkpoint.save_model(teacher, str(tmp_path / "teacher"))
   wd = str(tmp_path / "kd")
-  train.train_and_evaluate(small_config(digits_dir, num_train_steps=2, teacher_dir=tdir), wd)
+  loop.train_and_evaluate(small_config(digits_dir, num_train_steps=2, teacher_dir=tdir), wd)
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))
           if '"loss"' in line]
   # (CE + KD) / 2 with KD against a 10-way teacher distribution
@@ -252,8 +312,8 @@ def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
   bad = models.create_model("resnet50", num_classes=7, channels=[4, 4, 8, 8],
                             blocks_per_stage=[1, 1, 1, 1])
   bdir = checkpoint.save_model(bad, str(tmp_path / "bad_teacher"))
-  with pytest.raises(train.ConfigError, match="teacher has 7 classes"):
-    train.train_and_evaluate(small_config(digits_dir, teacher_dir=bdir), str(tmp_path / "x"))
+  with pytest.raises(config_lib.ConfigError, match="teacher has 7 classes"):
+    loop.train_and_evaluate(small_config(digits_dir, teacher_dir=bdir), str(tmp_path / "x"))
 
 
 # --- the ImageNet test sets, as tiny builders of the same feature layout ---------------------
@@ -318,7 +378,7 @@ def test_eval_on_imagenet_v2_and_real_layouts(tmp_path, digits_dir):
   c = small_config(digits_dir, mode="eval", checkpoint=out, image_size=32, eval_batch_size=8,
                    eval_crop_ratio=0.875)
   c.eval_datasets = "tiny_imagenet_v2:test,tiny_imagenet2012_real:validation"
-  res = train.evaluate(c, str(tmp_path / "ev"))
+  res = evaluate_lib.evaluate(c, str(tmp_path / "ev"))
   sets = res["datasets"]
   assert list(sets) == ["tiny_imagenet_v2:test", "tiny_imagenet2012_real:validation"]
   # by hand: the model on the same preprocessing, ReaL = prediction in the label set
@@ -370,7 +430,7 @@ def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_di
   from bcdnet_jax.deploy import export, predict
   from configs import eval as eval_config
   wd = str(tmp_path / "run")
-  res = train.train_and_evaluate(small_config(digits_dir, num_train_steps=4), wd)
+  res = loop.train_and_evaluate(small_config(digits_dir, num_train_steps=4), wd)
   meta = json.load(open(os.path.join(wd, "model.json")))
   assert meta["preprocessing"]["image_size"] == 16 and meta["preprocessing"]["crop_ratio"] == 1
   c = eval_config.get_config()
@@ -395,7 +455,7 @@ def test_digits_model_evaluates_and_predicts_at_its_own_size(tmp_path, digits_di
   top, _ = predict.predict(model, predict.load_images(files, pre), k=1)
   restored = checkpoint.restore_model(wd)
   restored.eval()
-  batches, _, _ = data.eval_batches(source, dataclasses_replace(train._data_config(
+  batches, _, _ = data.eval_batches(source, dataclasses_replace(plan_lib.data_config(
       small_config(digits_dir)), image_size=16, eval_crop_ratio=1.0), 40, 40)
   batch = next(batches)
   direct = np.asarray(nnx.jit(lambda m, x: m(preprocessing.normalize(x)))(
@@ -412,13 +472,13 @@ def dataclasses_replace(obj, **kw):
 def test_resume_with_another_model_is_refused_and_leaves_the_workdir_intact(tmp_path,
                                                                           digits_dir):
   wd = str(tmp_path / "run")
-  train.train_and_evaluate(small_config(digits_dir, num_train_steps=2), wd)
+  loop.train_and_evaluate(small_config(digits_dir, num_train_steps=2), wd)
   before = {f: open(os.path.join(wd, f), "rb").read() for f in ("model.json", "config.json")}
   other = small_config(digits_dir, num_train_steps=4)
   other.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 8), mlp_groups=1,
                                                          mlp_group=("lsr", "pw")))
-  with pytest.raises(train.ConfigError, match=r"holds a run of another model \(channels"):
-    train.train_and_evaluate(other, wd)
+  with pytest.raises(config_lib.ConfigError, match=r"holds a run of another model \(channels"):
+    loop.train_and_evaluate(other, wd)
   for f, content in before.items():
     assert open(os.path.join(wd, f), "rb").read() == content
   checkpoint.restore_model(wd)  # the earlier run still restores
@@ -428,7 +488,7 @@ def test_resume_with_another_model_is_refused_and_leaves_the_workdir_intact(tmp_
 def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, digits_dir, caplog):
   wd = str(tmp_path / "run")
   cfg = small_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
-  train.train_and_evaluate(cfg, wd)
+  loop.train_and_evaluate(cfg, wd)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
   # flip one byte of the biggest file of step 4
   files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(wd, "checkpoints", "4"))
@@ -444,7 +504,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, digits_
   # resuming trains from step 2 again, and says which checkpoint it skipped
   caplog.clear()
   with caplog.at_level("INFO", logger="bcdnet_jax"):
-    res = train.train_and_evaluate(cfg, wd)
+    res = loop.train_and_evaluate(cfg, wd)
   assert res["steps"] == 4 and "at step 2" in caplog.text
   # a deleted file in the newest checkpoint: the same fallback
   os.remove(min((os.path.join(d, f) for d, _, fs in os.walk(
@@ -460,12 +520,12 @@ def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
                   (dict(image_size=34), "config.image_size: 34 px images do not fit"),
                   (dict(data_workers=-1), "config.data_workers: must be an integer >= 0")]:
     c = small_config(digits_dir, **kw)
-    with pytest.raises(train.ConfigError, match=msg):
+    with pytest.raises(config_lib.ConfigError, match=msg):
       train.run(c, str(tmp_path / "w"))
   for field, value in [("compute_dtype", "fp8"), ("dtype_policy", "float16")]:
     c = small_config(digits_dir)
     c.model[field] = value
-    with pytest.raises(train.ConfigError, match=f"config.model.{field}: must be .*'{value}'"):
+    with pytest.raises(config_lib.ConfigError, match=f"config.model.{field}: must be .*'{value}'"):
       train.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
@@ -473,9 +533,9 @@ def test_config_mistakes_are_named_before_any_work(tmp_path, digits_dir):
 def test_command_line_beats_pipeline_stage_values(digits_dir):
   from configs import digits
   c = digits.get_config()
-  stage = train._stage_config(c, "stage1", c.pipeline.stage1, {"num_train_steps"})
+  stage = pipeline_lib.stage_config(c, "stage1", c.pipeline.stage1, {"num_train_steps"})
   assert stage.num_train_steps == c.num_train_steps  # the top level, not the stage's 600
-  stage = train._stage_config(c, "stage1", c.pipeline.stage1, set())
+  stage = pipeline_lib.stage_config(c, "stage1", c.pipeline.stage1, set())
   assert stage.num_train_steps == 600 and stage.model.stage == 1
 
 
@@ -542,20 +602,20 @@ def test_folder_dataset_problems_are_named(tmp_path):
   open(cut, "wb").write(buf.getvalue()[:len(buf.getvalue()) // 2])
   c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{ok}", eval_split="validation")
   with pytest.raises(data.DataError, match=r"undecodable image\(s\).*cut\.jpg"):
-    train.train_and_evaluate(c, str(tmp_path / "wd"))
+    loop.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
   # a truncated training image (validation clean): the run stops and names the file
   os.rename(cut, os.path.join(ok, "train", "dog", "cut.jpg"))
   with pytest.raises(data.DataError, match=r"split 'train'.*cut\.jpg"):
-    train.train_and_evaluate(c, str(tmp_path / "wd2"))
+    loop.train_and_evaluate(c, str(tmp_path / "wd2"))
   # ... and check_images finds it before training
   c.check_images = True
   with pytest.raises(data.DataError, match=r"undecodable image\(s\).*cut\.jpg"):
-    train.train_and_evaluate(c, str(tmp_path / "wd3"))
+    loop.train_and_evaluate(c, str(tmp_path / "wd3"))
   assert not os.path.exists(tmp_path / "wd3" / "checkpoints")
   # class mismatch between the splits: named before any work
   mism = str(tmp_path / "mism")
   tree(mism, {"train": ["cat", "dog"], "validation": ["cat", "cow"]})
   c = small_config(str(tmp_path / "tfds"), dataset=f"folder:{mism}", eval_split="validation")
   with pytest.raises(data.DataError, match=r"different classes .*dog.*cow"):
-    train.train_and_evaluate(c, str(tmp_path / "wd4"))
+    loop.train_and_evaluate(c, str(tmp_path / "wd4"))

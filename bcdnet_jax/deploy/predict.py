@@ -127,18 +127,18 @@ def main(argv=None) -> int:
   if a.top < 1:
     p.error(f"--top must be 1 or more, got {a.top}")
   from bcdnet_jax import preprocessing
-  from bcdnet_jax.deploy import export
+  from bcdnet_jax.deploy import packed
   from bcdnet_jax.nn import models
-  from bcdnet_jax.train import config
   try:
     # the rules of training and evaluation, before the model is loaded or compiled
-    config.check_preprocessing(a.image_size, a.crop_ratio, names=("--image_size",
-                               "--crop_ratio"), recorded_allowed=True)
+    preprocessing.check_preprocessing(a.image_size, a.crop_ratio,
+                                      names=("--image_size", "--crop_ratio"),
+                                      recorded_allowed=True)
     if a.image_size > MAX_IMAGE_SIZE:
       raise PredictError(f"--image_size: at most {MAX_IMAGE_SIZE} px, got {a.image_size}")
-    model = export.load_packed(a.model)
+    model = packed.load_packed(a.model)
     recorded = model.header.get("preprocess") or preprocessing.DEFAULT
-    config.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
+    models.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
                             a.image_size or recorded["image_size"], "--image_size"
                             if a.image_size else f"the image size recorded in {a.model}")
     pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,

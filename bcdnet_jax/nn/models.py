@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bcdnet_jax import errors
 from bcdnet_jax.nn import blocks
 from bcdnet_jax.nn import quantizers as binarize
 from bcdnet_jax.nn.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
@@ -461,6 +462,25 @@ def abstract_model(spec: ModelSpec) -> nnx.Module:
   """The model with shapes only (no allocation), for counting and restoring."""
   return nnx.eval_shape(lambda: _construct(spec, 0))
 
+
+
+def check_image_size(spec: ModelSpec, image_size: int, name: str = "config.image_size") -> None:
+  """Fails before any compilation when the model's strides cannot take `image_size` px
+  images (an abstract trace of the evaluation forward; no weights allocated).
+
+  Raises:
+    errors.ConfigError: naming `name`, the size and the model's block strides.
+  """
+  model = abstract_model(spec)
+  model.eval()
+  try:
+    nnx.eval_shape(lambda m, x: m(x), model,
+                   jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
+                                        jnp.float32))
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"{name}: {image_size} px images do not fit the strides of "
+                             f"{spec.family} {list(block_strides(spec))}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
 
 def cast_floating(model: nnx.Module, dtype) -> nnx.Module:
   """A copy of `model` whose floating parameters and statistics are `dtype`.

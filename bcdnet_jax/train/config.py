@@ -16,7 +16,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
-from bcdnet_jax import errors
+from bcdnet_jax import errors, preprocessing
 
 MODES = ("train", "eval")
 NONE = "none"  # teacher_dir / init_from: explicitly without (a deviation from the recipe)
@@ -24,9 +24,7 @@ TEACHER_COMMAND = ("python convert_torch_ckpt.py --torch_ckpt resnet50-19c8e357.
                    "--arch resnet50 --out ckpt/resnet50")
 
 
-class ConfigError(errors.UserError):
-  """An invalid configuration, reported before anything is compiled or written."""
-
+ConfigError = errors.ConfigError  # the error type of every check here
 
 # --- value kinds ----------------------------------------------------------------------------
 
@@ -62,14 +60,9 @@ def _in(choices) -> Callable[[Any, Any], bool]:
   return lambda v, c: v in choices
 
 
-def image_size_ok(v, recorded_allowed: bool) -> bool:
-  """A positive integer; 0 (the model's recorded size) where a record exists."""
-  return _int(v) and (v > 0 or (recorded_allowed and v == 0))
-
-
-def crop_ratio_ok(v, recorded_allowed: bool) -> bool:
-  """In (0, 1]; 0 (the model's recorded ratio) where a record exists."""
-  return _num(v) and (0 < v <= 1 or (recorded_allowed and v == 0))
+image_size_ok = preprocessing.image_size_ok
+crop_ratio_ok = preprocessing.crop_ratio_ok
+check_preprocessing = preprocessing.check_preprocessing
 
 
 def _models():
@@ -243,37 +236,9 @@ def deviations(config) -> list[str]:
 
 # --- shared by every entry point ------------------------------------------------------------
 
-def check_preprocessing(image_size, crop_ratio, *, names=("config.image_size",
-                        "config.eval_crop_ratio"), recorded_allowed: bool = False) -> None:
-  """The image size and crop ratio rules of the table, for entry points without a config
-  (predict's --image_size / --crop_ratio)."""
-  if not image_size_ok(image_size, recorded_allowed):
-    raise ConfigError(f"{names[0]}: must be a positive integer"
-                      f"{' (0: the recorded size)' if recorded_allowed else ''}, got "
-                      f"{image_size!r}")
-  if not crop_ratio_ok(crop_ratio, recorded_allowed):
-    raise ConfigError(f"{names[1]}: must be in (0, 1] (224/256 resizes to 256 and crops 224)"
-                      f"{'; 0: the recorded ratio' if recorded_allowed else ''}, got "
-                      f"{crop_ratio!r}")
-
-
 def check_image_size(spec, image_size: int, name: str = "config.image_size") -> None:
-  """Fails before any compilation when the model's strides cannot take `image_size` px
-  images (an abstract trace of the evaluation forward; no weights allocated)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  models = _models()
-  model = models.abstract_model(spec)
-  model.eval()
-  try:
-    nnx.eval_shape(lambda m, x: m(x), model,
-                   jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels),
-                                        jnp.float32))
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"{name}: {image_size} px images do not fit the strides of "
-                      f"{spec.family} {list(models.block_strides(spec))}: "
-                      f"{str(e).splitlines()[0][:200]}") from None
+  """`models.check_image_size` (jax is imported only when a config is checked)."""
+  _models().check_image_size(spec, image_size, name)
 
 
 def _probe_write(directory: str) -> None:

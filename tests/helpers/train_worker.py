@@ -28,9 +28,9 @@ def main():
       signal_at = int(value)
     else:
       opts[key] = value
-  from bcdnet_jax.train import distributed
-  from bcdnet_jax.train import trainer as train
-  train.setup_logging()
+  from bcdnet_jax import log as log_lib
+  from bcdnet_jax.train import distributed, loop
+  log_lib.setup()
   distributed.initialize(opts.get("coordinator_address"),
                          int(opts["num_processes"]) if "num_processes" in opts else None,
                          int(opts["process_id"]) if "process_id" in opts else None,
@@ -48,7 +48,7 @@ def main():
     if signal_at is not None and step == signal_at:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  res = train.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
+  res = loop.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
   if res.get("preempted"):
     print("PREEMPTED AT", res["steps"], flush=True)
     return
