@@ -19,6 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 from bcdnet_jax import errors, log, train  # noqa: E402
 from bcdnet_jax.train import config as config_lib  # noqa: E402
 from bcdnet_jax.train import distributed  # noqa: E402
+from bcdnet_jax.train import flags as cli_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -29,8 +30,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process)
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 flags.DEFINE_list("local_device_ids", None, "Devices of this process, e.g. 0,1,2,3.")
 flags.DEFINE_integer("heartbeat_timeout_s", 100,
-                     "A process silent this long is declared dead by JAX; ours tell the "
-                     "others (one line, exit code 75) after half of it.")
+                     "A process silent this long is declared dead by JAX; the others say "
+                     "so in one line (exit code 75) after a quarter of it.")
 flags.DEFINE_integer("initialization_timeout_s", 300,
                      "How long start-up waits for every process to register (multi-process).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -50,7 +51,7 @@ def main(argv):
           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
           resume_hint="rerun the same command to resume from the last checkpoint in "
           f"{FLAGS.workdir}")
-      train.run(FLAGS.config, FLAGS.workdir, cli_overrides=errors.config_overrides(sys.argv))
+      train.run(FLAGS.config, FLAGS.workdir, cli_overrides=cli_flags.config_overrides(sys.argv))
     except errors.UserError:
       raise
     except Exception:
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=cli_flags.parse_flags)

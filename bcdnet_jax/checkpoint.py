@@ -86,19 +86,57 @@ def save_model(model: nnx.Module, directory: str, *, extra: dict | None = None,
                           "refusing to overwrite it")
   state = nnx.to_pure_dict(nnx.state(model))
   check_finite(state, f"{directory}: refusing to save")
-  with fileio.new_directory(directory) as tmp:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, STATE_DIR), state)
-    ckptr.wait_until_finished()
-    meta = {"format_version": FORMAT_VERSION, "spec": model.spec.to_json(),
-            "preprocessing": preprocessing.record(**preprocess) if preprocess
-            else dict(preprocessing.DEFAULT),
-            "state_sha256": file_digests(os.path.join(tmp, STATE_DIR))}
-    if extra:
-      meta.update(extra)
-    with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+  check_space(directory, state)
+  import logging
+  held = fileio.HoldErrors()  # orbax logs each failed writer thread with its traceback
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(held)
+  try:
+    with fileio.new_directory(directory) as tmp:
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(os.path.join(tmp, STATE_DIR), state)
+      ckptr.wait_until_finished()
+      meta = {"format_version": FORMAT_VERSION, "spec": model.spec.to_json(),
+              "preprocessing": preprocessing.record(**preprocess) if preprocess
+              else dict(preprocessing.DEFAULT),
+              "state_sha256": file_digests(os.path.join(tmp, STATE_DIR))}
+      if extra:
+        meta.update(extra)
+      with open(os.path.join(tmp, SPEC_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+  except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of its writer threads
+    full = fileio.disk_full(e)
+    if full is None:
+      held.release(absl_log)  # not ours to summarise: everything orbax said, then the error
+      raise
+    raise CheckpointError(f"{directory}: cannot write the model directory there ({full}); "
+                          "nothing written (the partial copy is removed)") from None
+  finally:
+    absl_log.removeFilter(held)
+  held.release(absl_log)
   return directory
+
+
+def check_space(directory: str, state) -> None:
+  """Raises CheckpointError when the file system of `directory` has less free space than
+  the model directory needs: the raw tensor bytes plus Orbax's metadata (measured ~600
+  bytes per tensor; 2 KiB allowed) and 64 KiB. Checked before writing because a save that
+  runs out of space leaves Orbax's writer threads printing tracebacks at exit."""
+  import shutil
+  leaves = jax.tree_util.tree_leaves(state)
+  need = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+  need += 2048 * len(leaves) + 65536
+  parent = os.path.dirname(directory)
+  while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  try:
+    free = shutil.disk_usage(parent).free
+  except OSError:
+    return  # the write itself will say what is wrong
+  if free < need:
+    raise CheckpointError(f"{directory}: not enough space there (No space left on device: "
+                          f"the model directory needs about {need / 1e6:.2f} MB, "
+                          f"{free / 1e6:.2f} MB free); nothing written")
 
 
 def read_meta(directory: str) -> dict:
@@ -107,6 +145,12 @@ def read_meta(directory: str) -> dict:
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no such model directory")
   if not os.path.exists(path):
+    inside = model_dirs_in(directory)
+    if inside:  # a pipeline's root (stage1/, stage2/) or a folder of runs
+      raise CheckpointError(
+          f"{directory}: not a model directory (no {SPEC_FILE}); it holds the model "
+          f"directories {', '.join(inside)}: pass one, e.g. "
+          f"{os.path.join(directory, inside[-1])} (a pipeline's last stage is its result)")
     raise CheckpointError(f"{directory}: not a model directory (no {SPEC_FILE}); write one "
                           "with convert_torch_ckpt.py or checkpoint.save_model")
   try:
@@ -116,6 +160,41 @@ def read_meta(directory: str) -> dict:
     return meta
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"{path}: unreadable architecture record: {e}") from None
+
+
+def model_dirs_in(directory: str) -> list[str]:
+  """The subdirectories of `directory` holding a `model.json`, in a pipeline's stage order
+  when its config.json names the stages, else sorted."""
+  try:
+    names = sorted(n for n in os.listdir(directory)
+                   if os.path.isfile(os.path.join(directory, n, SPEC_FILE)))
+  except OSError:
+    return []
+  try:
+    with open(os.path.join(directory, "config.json")) as f:
+      order = list(json.load(f).get("pipeline") or {})
+  except (OSError, ValueError, AttributeError, TypeError):
+    order = []
+  return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+_STAGES = {1: "stage 1: binary activations, real-valued weights",
+           2: "stage 2: binary activations and weights"}
+
+
+def describe(directory: str) -> str:
+  """One line saying what a model directory or training workdir holds, its stage first:
+  'DIR: stage-2 mobilenet model, 1000 classes (stage 2: binary ...), converted from F
+  with --stage 2 (a torch checkpoint does not record its stage)'."""
+  meta = read_meta(directory)
+  spec = meta["spec"]
+  line = (f"{directory}: stage-{spec.stage} {spec.family} model, {spec.num_classes} classes "
+          f"({_STAGES.get(spec.stage, f'stage {spec.stage}')})")
+  conv = meta.get("converted_from")
+  if isinstance(conv, dict) and conv.get("source"):
+    line += (f", converted from {conv['source']} with --stage {conv.get('stage')} (a torch "
+             "checkpoint does not record its stage: the converter was told)")
+  return line
 
 
 def read_spec(directory: str) -> models.ModelSpec:
@@ -220,14 +299,27 @@ def step_problem(manager_dir: str, step: int) -> str | None:
   return None
 
 
+def step_recorded(manager_dir: str, step: int) -> bool:
+  """Whether training checkpoint `step` has its sha256 record (checked by step_problem)."""
+  return os.path.exists(_digests_path(manager_dir, step))
+
+
 def restore_intact(manager, restore_step, log=None):
   """(step, restore_step(step)) of the newest training checkpoint that is intact and
-  restores; damaged ones are skipped and said so. None when there is no checkpoint."""
+  restores; damaged ones are skipped and said so. A step without its sha256 record (copied
+  without checkpoint_sha256/, or a kill between the save and the record) is restored only
+  with a warning naming it: `restore_step` checks what can be (shapes, finiteness).
+  None when there is no checkpoint."""
   steps = sorted(manager.all_steps(), reverse=True)
   problems = []
   for step in steps:
     problem = step_problem(str(manager.directory), step)
     if problem is None:
+      if log is not None and not step_recorded(str(manager.directory), step):
+        log.warning("checkpoint %d has no sha256 record (%s missing: copied without it, or "
+                    "the run was killed between the save and the record); its bytes cannot "
+                    "be verified, only its shapes and finiteness", step,
+                    _digests_path(str(manager.directory), step))
       try:
         return step, restore_step(step)
       except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files

@@ -8,7 +8,9 @@ next to its final place and renamed into it, with the permissions the umask give
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -71,3 +73,42 @@ def new_directory(path: str):
 def write_json(path: str, obj, **kw) -> None:
   with replacing(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, **{"indent": 2, "default": str, **kw})
+
+
+DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def disk_full(e: BaseException) -> str | None:
+  """'No space left on device' (or the quota's) when `e` or its causes say so, else None:
+  an OSError, or tensorstore's RESOURCE_EXHAUSTED text that orbax raises as ValueError."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+      return DISK_FULL[e.errno]
+    for code, text in DISK_FULL.items():
+      if text in str(e) or f"os_error_code='{code}'" in str(e):
+        return text
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class HoldErrors:
+  """A logging filter that holds back ERROR records (orbax's writer threads report each
+  failed write with a traceback) until `release` re-emits them; a caller that turns the
+  failure into one line (a full disk) drops them instead."""
+
+  def __init__(self):
+    self.records = []
+
+  def filter(self, record) -> bool:
+    if record.levelno >= logging.ERROR:
+      self.records.append(record)
+      return False
+    return True
+
+  def release(self, logger) -> None:
+    records, self.records = self.records, []
+    logger.removeFilter(self)
+    for record in records:
+      logger.handle(record)

@@ -17,6 +17,7 @@ linear layer reports what it computed. Conventions (the paper's, the default):
   `deploy_bytes_fp16` for float32 / float16 real-valued parts; stage-2 binary models).
 
     python -m bcdnet_jax summary --arch bcdnet_a --stage 2 [--image_size 224] [--json]
+    python -m bcdnet_jax summary --checkpoint DIR    (a model directory: its stage said)
 """
 
 from __future__ import annotations
@@ -32,7 +33,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bcdnet_jax import errors
 from bcdnet_jax.nn import layers, models
+
+MAX_IMAGE_SIZE = 4096  # px: an abstract trace is cheap, but nobody runs a BNN on more
+
+
+def check_image_size(spec: models.ModelSpec, size: int, flag: str, *,
+                     maximum: int = MAX_IMAGE_SIZE, error=errors.UserError) -> None:
+  """Raises `error` naming `flag` unless `size` px square images are a positive size of
+  at most `maximum` px that the strides of `spec`'s model can take (an abstract trace of
+  the evaluation forward: no weights allocated, nothing compiled)."""
+  if not isinstance(size, int) or size < 1:
+    raise error(f"{flag}: must be a positive number of pixels, got {size!r}")
+  if size > maximum:
+    raise error(f"{flag}: at most {maximum} px, got {size}")
+  try:
+    models.check_image_size(spec, size, flag)
+  except errors.UserError as e:
+    raise error(str(e)) from None
+  except ZeroDivisionError:  # a token shift on a feature map shrunk to nothing
+    raise error(f"{flag}: {size} px images shrink to nothing in the strides of "
+                f"{spec.family} (the released models take 224)") from None
 
 
 @dataclasses.dataclass
@@ -168,25 +190,60 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def _spec_and_size(args) -> tuple[models.ModelSpec, int, str | None]:
+  """(spec, image size, a line saying what the model directory holds) from the flags:
+  --arch/--stage/--num_classes, or --checkpoint DIR's recorded architecture and image
+  size. Raises SummaryError naming the flag."""
+  from bcdnet_jax import checkpoint
+  if args.checkpoint:
+    given = [f for f in ("arch", "stage", "num_classes") if getattr(args, f) is not None]
+    if given:
+      raise SummaryError(f"--{given[0]}: not with --checkpoint (the model directory "
+                         "records its architecture)")
+    spec = checkpoint.read_spec(args.checkpoint)
+    size = args.image_size or checkpoint.read_preprocessing(args.checkpoint)["image_size"]
+    return spec, size, checkpoint.describe(args.checkpoint)
+  if args.arch is None:
+    raise SummaryError("--arch or --checkpoint is required")
+  num_classes = 1000 if args.num_classes is None else args.num_classes
+  if num_classes < 1:
+    raise SummaryError(f"--num_classes: must be 1 or more, got {num_classes}")
+  spec = models.get_spec(args.arch, stage=args.stage or 2, num_classes=num_classes)
+  return spec, 224 if args.image_size is None else args.image_size, None
+
+
+class SummaryError(errors.UserError):
+  """A flag of `bcdnet_jax summary` out of its range; the message names it."""
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", required=True, choices=sorted(models.PRESETS))
-  p.add_argument("--stage", type=int, default=2, choices=(1, 2))
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--num_classes", type=int, default=1000)
+  p.add_argument("--arch", choices=sorted(models.PRESETS))
+  p.add_argument("--checkpoint", default=None,
+                 help="model directory or training workdir: its recorded architecture "
+                      "and image size (instead of --arch/--stage/--num_classes)")
+  p.add_argument("--stage", type=int, default=None, choices=(1, 2), help="default 2")
+  p.add_argument("--image_size", type=int, default=None, help="default 224 (or recorded)")
+  p.add_argument("--num_classes", type=int, default=None, help="default 1000")
   p.add_argument("--count_both_heads", action="store_true")
   p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
   args = p.parse_args(argv)
-  spec = models.get_spec(args.arch, stage=args.stage, num_classes=args.num_classes)
-  result = summarize(spec, args.image_size, count_both_heads=args.count_both_heads)
-  result["arch"] = args.arch
+  try:
+    spec, size, holds = _spec_and_size(args)
+    check_image_size(spec, size, "--image_size" if args.image_size is not None else
+                     f"the image size recorded in {args.checkpoint}", error=SummaryError)
+  except errors.UserError as e:
+    return errors.report(e)
+  result = summarize(spec, size, count_both_heads=args.count_both_heads)
+  result["arch"] = args.arch or spec.family
+  if holds:
+    print(holds)
   if args.json:
     print(json.dumps(result))
   else:
     print(format_table(result))
   return 0
-
 
 
 def cli() -> None:

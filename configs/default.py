@@ -41,6 +41,10 @@ def get_config():
   # but one, at least 1. Each epoch is a fresh seeded permutation of the whole split; the
   # data position is the step, so neither this nor the process count changes the batches.
   c.data_workers = 0
+  # Images over this many pixels are refused, naming the file (PIL's guard against
+  # decompression bombs: small files that decode to gigabytes). 0: PIL's limit,
+  # 178,956,970 px (e.g. 13,000 x 13,000). Raise it for data sets with very large images.
+  c.max_image_pixels = 0
 
   # Global batch. The learning rate below is for `base_batch_size` and scales linearly.
   c.batch_size = 256

@@ -96,3 +96,16 @@ def small_artefact(tmp_path):
   out = tmp_path / "small.bcdnet"
   export.export_model(model, str(out))
   return out
+
+
+@pytest.fixture(autouse=True)
+def _tool_logging():
+  """The tools' main() calls log.setup(), after which our logger no longer propagates;
+  tests that read the "bcdnet_jax" records through caplog (a root handler) must not depend
+  on whether a tool ran in-process before them, so its state is restored after each test."""
+  from bcdnet_jax.log import logger
+  saved = list(logger.handlers), logger.propagate, logger.level
+  yield
+  logger.handlers[:] = saved[0]
+  logger.propagate = saved[1]
+  logger.setLevel(saved[2])

@@ -20,7 +20,8 @@ BAD = {
     "model.dtype_policy": "float16", "dataset": "", "data_dir": 3, "train_split": "",
     "eval_split": " ", "image_size": 0, "eval_crop_ratio": 2.0,
     "color_jitter": (0.2, 0.2, 0.2), "crop_scale": (1.0, 0.5), "random_flip": "yes",
-    "check_images": None, "data_workers": -1, "batch_size": 0, "eval_batch_size": -8,
+    "check_images": None, "data_workers": -1, "max_image_pixels": -1, "batch_size": 0,
+    "eval_batch_size": -8,
     "base_batch_size": 0, "num_train_steps": -1, "num_epochs": float("nan"),
     "learning_rate": 0.0, "warmup_steps": -5, "warmup_init_lr": -1e-3,
     "weight_decay": -0.01, "adam_b1": 1.0, "adam_b2": -0.1, "adam_eps": 0.0,
@@ -158,3 +159,62 @@ def test_predict_arguments_follow_the_same_rules():
   with pytest.raises(config.ConfigError, match="--image_size: must be a positive"):
     config.check_preprocessing(-3, 0.0, names=("--image_size", "--crop_ratio"),
                                recorded_allowed=True)
+
+
+# --- config files and command lines that mislead: one line naming the real cause ----------
+
+CONFIG_FILES = {
+    "a_dict": ("def get_config():\n  return {'mode': 'train', 'batch_size': 8}\n",
+               "get_config() returns a dict, not an ml_collections.ConfigDict"),
+    "no_mode": ("from configs import digits\n\ndef get_config():\n  c = digits.get_config()\n"
+                "  del c['mode']\n  return c\n", "config.mode is missing; start from "
+                "configs/default.py"),
+    "no_pipeline": ("from configs import digits\n\ndef get_config():\n"
+                    "  c = digits.get_config()\n  del c['pipeline']\n  return c\n",
+                    "config.pipeline is missing"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_config_file_without_the_fields_is_one_line_naming_file_and_field(
+    name, tmp_path, monkeypatch):
+  from helpers.cli import run_main
+  text, needle = CONFIG_FILES[name]
+  path = tmp_path / f"{name}.py"
+  path.write_text(text)
+  rc, err = run_main([f"--config={path}", f"--workdir={tmp_path / 'w'}"], monkeypatch)
+  assert rc == 2 and len(err) == 1, err
+  assert err[0].startswith(f"error: --config={path}: ") and needle in err[0], err
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--config.pipeline.stage1.batch_size=-3",
+     "--config.pipeline.stage1.batch_size: batch_size is a known field, but pipeline stage "
+     "stage1 of this config does not set it, so it cannot be overridden there; "
+     "--config.batch_size=VALUE sets it for every stage"),
+    ("--config.model.overrides.channels=(16,32)",
+     "config.model.overrides: channels=(16, 32) make 1 block(s) after the stem, but "
+     "strides=(1, 2, 1, 2) has 4 value(s); strides needs one value (1 or 2) per block, "
+     "len(channels) - 1: set both, e.g. '--config.model.overrides.strides=(2,)'"),
+], ids=["stage_field_not_in_stage", "channels_and_strides"])
+def test_misleading_lines_name_the_real_cause(flag, needle, tmp_path, monkeypatch):
+  from helpers.cli import run_main
+  rc, err = run_main(["--config=configs/digits.py", f"--workdir={tmp_path / 'w'}", flag],
+                     monkeypatch)
+  errors = [line for line in err if line.startswith("error: ")]
+  assert rc == 2 and len(errors) == 1 and err[-1] == errors[0], err
+  assert errors[0].startswith("error: ") and needle in errors[0], err
+  assert not (tmp_path / "w").exists()
+
+
+def test_dangling_symlink_workdir_says_so(tmp_path):
+  link = tmp_path / "runs"
+  link.symlink_to(tmp_path / "gone")
+  for wd in (link, link / "sub"):
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.check_workdir(str(wd))
+    assert str(e.value) == (f"--workdir={wd}: {link} is a dangling symlink to "
+                            f"{tmp_path / 'gone'} (which does not exist); create that "
+                            "directory or remove the link; nothing done")
+  assert not (tmp_path / "gone").exists() and link.is_symlink()

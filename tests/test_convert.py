@@ -431,3 +431,102 @@ def test_overrides_parse_literals_and_bare_words():
   assert got == dict(channels=TINY_CHANNELS, shift_mode="paper", mlp_groups=1, dynamic=True)
   assert set(models._FIELD_TYPES) == {f.name for f in
                                       models.dataclasses.fields(models.ModelSpec)}
+
+
+def _flip_byte_in_member(src, dst, member_suffix="/data/0", at=5):
+  """A copy of torch zip file `src` with one bit flipped inside a tensor's bytes."""
+  import struct
+  import zipfile
+  data = bytearray(open(src, "rb").read())
+  with zipfile.ZipFile(src) as z:
+    info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+  n, m = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+  data[info.header_offset + 30 + n + m + at] ^= 0x01
+  open(dst, "wb").write(data)
+  return info.filename
+
+
+def test_bit_flipped_checkpoint_is_refused_naming_the_zip_member(tmp_path, capsys):
+  """One flipped bit in a weight: torch.load reads the wrong value without a word; the
+  converter checks the archive's CRC-32s first and names the member."""
+  bad = tmp_path / "flipped.pth.tar"
+  member = _flip_byte_in_member(fixture_ckpt("a_3"), bad)
+  loaded = torch.load(bad, map_location="cpu", weights_only=True)["model"]  # no complaint
+  assert any(not torch.equal(v, raw_model_dict()[k]) for k, v in loaded.items())
+  out = tmp_path / "out"
+  err = _cli_error(capsys, ["--torch_ckpt", str(bad), "--arch", "bcdnet_a", "--num_classes",
+                            "10", "--override", TINY_OVERRIDE, "--out", str(out)])
+  assert f"zip member {member!r} fails its CRC-32 check" in err, err
+  assert not out.exists() and os.listdir(tmp_path) == ["flipped.pth.tar"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_the_report_says_what_was_checked_of_the_file_and_where_the_stage_comes_from(
+    tmp_path, capsys, legacy):
+  path = tmp_path / "a3.pth"
+  torch.save({"model": raw_model_dict()}, path, _use_new_zipfile_serialization=not legacy)
+  assert convert.main(["--torch_ckpt", str(path), "--arch", "bcdnet_a", "--num_classes", "10",
+                       "--override", TINY_OVERRIDE, "--out", str(tmp_path / "out"),
+                       "--no_check"]) == 0
+  text = capsys.readouterr().out
+  want = ("file integrity: not checkable: the legacy (pre-1.6, non-zip) torch format stores "
+          "no checksum" if legacy else "file integrity: CRC-32 of its 384 zip members checked")
+  assert want in text, text
+  assert ("stage 2 as --stage says (a torch checkpoint does not record its stage, and the "
+          "self-check cannot tell stage 1 from stage 2)") in text
+  assert checkpoint.describe(str(tmp_path / "out")).startswith(
+      f"{tmp_path / 'out'}: stage-2 mobilenet model, 10 classes (stage 2: binary activations "
+      "and weights), converted from ")
+
+
+def test_a_dict_of_state_dicts_without_ckpt_key_names_the_flag(tmp_path, capsys):
+  path = tmp_path / "ema.pth"
+  torch.save({"ema": raw_model_dict(), "epoch": 3}, path)
+  err = _cli_error(capsys, ["--torch_ckpt", str(path), "--arch", "bcdnet_a", "--num_classes",
+                            "10", "--override", TINY_OVERRIDE, "--out", str(tmp_path / "o")])
+  assert "entries that are not tensors: ['ema', 'epoch']; 'ema' holds a dict: pass " \
+         "--ckpt_key ema to convert it" in err, err
+  assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--num_classes", "0"], "--num_classes 0: model spec: num_classes must be positive"),
+    (["--num_classes", "-1"], "--num_classes -1: model spec: num_classes must be positive"),
+    (["--check_tolerance", "nan"], "--check_tolerance: must be a positive finite number"),
+    (["--check_tolerance", "-1"], "--check_tolerance: must be a positive finite number"),
+    (["--check_image_size", "0"], "--check_image_size: must be a positive number of pixels"),
+    (["--check_image_size", "7"], "--check_image_size: 7 px images shrink to nothing"),
+    (["--check_image_size", "30"], "--check_image_size: 30 px images do not fit the strides"),
+    (["--check_image_size", "5000"], "--check_image_size: at most 1024 px, got 5000"),
+])
+def test_out_of_range_flags_are_refused_at_once_naming_the_flag(tmp_path, capsys, flags,
+                                                                  words):
+  import time
+  out = tmp_path / "out"
+  start = time.time()
+  err = _cli_error(capsys, ["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
+                            "--num_classes", "10", "--override", TINY_OVERRIDE,
+                            "--out", str(out)] + flags)
+  assert err.startswith(f"error: {words}"), err
+  assert "--override" not in err and time.time() - start < 10  # no self-check ran
+  assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("when", ["before", "while writing"])
+def test_out_on_a_full_filesystem_is_one_line_and_leaves_nothing(tmp_path, capsys,
+                                                                 monkeypatch, when):
+  """Refused before the self-check from the free space; and, should the disk fill while
+  Orbax writes (the space check skipped here), one line too, the partial copy removed."""
+  from helpers.fullfs import full_filesystem, listing
+  if when == "while writing":
+    monkeypatch.setattr(checkpoint, "check_space", lambda *a: None)
+  words = {"before": "not enough space there (No space left on device: the model "
+                     "directory needs about",
+           "while writing": "cannot write the model directory there (No space left on "
+                            "device); nothing written (the partial copy is removed)"}[when]
+  with full_filesystem(tmp_path) as full:
+    err = _cli_error(capsys, ["--torch_ckpt", fixture_ckpt("a_3"), "--arch", "bcdnet_a",
+                              "--num_classes", "10", "--override", TINY_OVERRIDE,
+                              "--out", os.path.join(full, "a3"), "--no_check"])
+    assert f"{os.path.join(full, 'a3')}: {words}" in err, err
+    assert listing(full) == []

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from helpers.configs import small_config
 
-from bcdnet_jax import summary
+from bcdnet_jax import preprocessing, summary
 from bcdnet_jax.nn import models
 from bcdnet_jax.nn import quantizers as binarize
 from bcdnet_jax.train import diagnostics, loop
@@ -80,7 +80,7 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
   tx, _ = step_lib.make_optimizer(cfg, 10)
   step = jax.jit(step_lib.make_train_step(train_def, tx, cfg, None, lay))
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32),
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 16, 16, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
 
   def kernels(p):
@@ -91,7 +91,7 @@ def test_every_statistic_against_numpy_with_a_forced_flip():
   def loss_fn(p):
     m = nnx.merge(train_def, p, batch_stats, copy=True)
     with binarize.record_sign_inputs(with_sites=True) as rec:
-      logits, logits_dist = m(batch["image"])
+      logits, logits_dist = m(preprocessing.normalize(batch["image"]))
     names = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(m)}
     loss = (step_lib.smoothed_cross_entropy(logits, batch["label"], cfg.label_smoothing)
             + step_lib.smoothed_cross_entropy(logits_dist, batch["label"],

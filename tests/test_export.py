@@ -237,8 +237,124 @@ def test_predict_prints_the_good_images_and_a_line_per_bad_one(tmp_path, capsys)
   o = capsys.readouterr()
   assert o.out.splitlines()[0] == str(good) and "%" in o.out.splitlines()[1]
   lines = o.err.strip().splitlines()
+  assert lines.pop(0).endswith(f"image_size=32 overrides {out}'s recorded image_size=224")
   assert lines[0].startswith(f"error: {bad}: not a decodable image")
   assert lines[1].startswith(f"error: {tmp_path / 'nope.jpg'}: cannot read"), lines
   assert predict.main(argv + ["--json"]) == 2
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert [r["image"] for r in res] == [str(good)]
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+  """A model directory of a tiny stage-2 BCDNet-A (3 classes)."""
+  from bcdnet_jax import checkpoint
+  model = models.create_model("bcdnet_a", stage=2, num_classes=3, channels=[8, 16],
+                              mlp_groups=1, mlp_group=["pw"])
+  return checkpoint.save_model(model, str(tmp_path_factory.mktemp("ckpt") / "small"))
+
+
+def _export_error(capsys, argv):
+  rc = export.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+  return err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--verify_image_size", "0"], "--verify_image_size: must be a positive number of pixels"),
+    (["--verify_image_size", "-8"], "--verify_image_size: must be a positive number of pixels"),
+    (["--verify_image_size", "20000"], "--verify_image_size: at most 1024 px, got 20000"),
+    (["--verify_image_size", "3"], "--verify_image_size: 3 px is under the 4 px the "
+                                   "artefact's strides need"),
+    (["--verify_batch", "0"], "--verify_batch: must be 1 to 256 images, got 0"),
+])
+def test_verify_sizes_out_of_range_are_refused_before_writing(tmp_path, capsys, small_ckpt,
+                                                              flags, words):
+  out = tmp_path / "m.bcdnet"
+  err = _export_error(capsys, ["--checkpoint", small_ckpt, "--out", str(out), "--verify"]
+                      + flags)
+  assert err.startswith(f"error: {words}"), err
+  assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_pipeline_root_names_its_stages(tmp_path, capsys, small_ckpt):
+  import shutil
+  root = tmp_path / "digits"
+  for stage in ("stage1", "stage2"):
+    shutil.copytree(small_ckpt, root / stage)
+  (root / "config.json").write_text(json.dumps({"pipeline": {"stage1": {}, "stage2": {}}}))
+  err = _export_error(capsys, ["--checkpoint", str(root), "--out", str(tmp_path / "m.bcdnet")])
+  assert err == (f"error: {root}: not a model directory (no model.json); it holds the model "
+                 f"directories stage1, stage2: pass one, e.g. {root / 'stage2'} (a "
+                 "pipeline's last stage is its result)")
+  assert not (tmp_path / "m.bcdnet").exists()
+
+
+def test_export_out_on_a_full_filesystem_is_one_line(tmp_path, capsys, small_ckpt):
+  from helpers.fullfs import full_filesystem, listing
+  with full_filesystem(tmp_path) as full:
+    out = os.path.join(full, "m.bcdnet")
+    err = _export_error(capsys, ["--checkpoint", small_ckpt, "--out", out])
+    assert err == (f"error: {out}: cannot write the artefact there (No space left on "
+                   "device); nothing written"), err
+    assert listing(full) == []
+
+
+def test_float16_verify_measures_what_float16_storage_changes(tmp_path, capsys, small_ckpt):
+  """--float16 --verify prints, per path, float16 and float32 storage against the float
+  model and float16 against float32: the numbers are those of the two artefacts run on
+  the same images, and nothing claims exactness."""
+  out16, out32 = str(tmp_path / "m16.bcdnet"), str(tmp_path / "m32.bcdnet")
+  assert export.main(["--checkpoint", small_ckpt, "--out", out16, "--float16", "--verify",
+                      "--verify_image_size", "32", "--verify_batch", "6"]) == 0
+  o = capsys.readouterr()
+  res = json.loads(o.out.strip().splitlines()[-1])["verify"]
+  assert export.main(["--checkpoint", small_ckpt, "--out", out32]) == 0
+  capsys.readouterr()
+  x = jax.random.normal(jax.random.key(0), (6, 32, 32, 3))  # verify's images (seed 0)
+  for path in packed.PATHS:
+    y16 = np.asarray(export.load_packed(out16)(x, path=path))
+    y32 = np.asarray(export.load_packed(out32)(x, path=path))
+    vs = res[path]["vs_float32"]
+    assert vs["max_abs_diff"] == pytest.approx(float(np.abs(y16 - y32).max()), rel=1e-6)
+    assert vs["max_abs_diff"] > 0 and vs["images"] == 6
+    assert vs["top1_agree"] == int(np.sum(y16.argmax(-1) == y32.argmax(-1)))
+    assert res[path]["float32"]["max_abs_diff"] < res[path]["max_abs_diff"]
+  assert "float16 storage against float32 storage" in o.out and "not exact" in o.out
+  assert "top-1 equal" not in o.out and "    float16 packed max |logit diff| " in o.out
+  assert o.out.splitlines()[1] == (f"  from {small_ckpt}: stage-2 mobilenet model, 3 "
+                                   "classes (stage 2: binary activations and weights)")
+  assert o.err == ""
+
+
+def test_a_model_without_preprocessing_record_is_said_by_export_and_asked_by_predict(
+    tmp_path, capsys, small_ckpt):
+  import re
+  import shutil
+
+  from PIL import Image
+  ckpt = tmp_path / "old"
+  shutil.copytree(small_ckpt, ckpt)
+  meta = json.loads((ckpt / "model.json").read_text())
+  del meta["preprocessing"]  # as model directories written before the record existed
+  (ckpt / "model.json").write_text(json.dumps(meta))
+  out = str(tmp_path / "m.bcdnet")
+  assert export.main(["--checkpoint", str(ckpt), "--out", out]) == 0
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and re.fullmatch(r"\d\d:\d\d:\d\d " + re.escape(
+      f"{ckpt} records no preprocessing (image size, crop ratio); the artefact records none "
+      "either, so predict will ask for --image_size"), err[0]), err
+  assert export.load_packed(out).header["preprocess"] is None
+  png = tmp_path / "x.png"
+  Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(png)
+  assert predict.main(["--model", out, str(png)]) == 2
+  e = capsys.readouterr().err
+  assert e == (f"error: {out} records no preprocessing (the image size and crop ratio the "
+               "model expects): pass --image_size (224 for the ImageNet models; "
+               "--crop_ratio defaults to 0.875)\n"), e
+  assert predict.main(["--model", out, "--image_size", "32", str(png)]) == 0
+  o = capsys.readouterr()
+  assert o.out.startswith(str(png)) and o.err.splitlines()[-1].endswith(
+      f"{out} records no preprocessing: using --image_size 32, crop ratio 0.875 and "
+      "ImageNet's mean and standard deviation")

@@ -203,3 +203,48 @@ def test_zero_positions_round_trip_and_bad_ones_are_refused(tmp_path):
   with pytest.raises(export.ArtefactError, match="format version 2, this runtime reads "
                                                  "version 3"):
     export.load_packed(str(tmp_path / "v2.bcdnet"))
+
+
+def _resigned(src, dst, edit):
+  """A copy of artefact `src` whose header `edit` changed, written with a valid sha256 (as
+  a buggy or hostile writer would): only the range checks can refuse it."""
+  header, tensors = packed.read(str(src))
+  edit(header)
+  packed.write(str(dst), header, dict(tensors))
+  return dst
+
+
+def _set(path, value):
+  def edit(header):
+    *keys, last = path
+    d = header
+    for k in keys:
+      d = d[k]
+    d[last] = value
+  return edit
+
+
+@pytest.mark.parametrize("path,value,words", [
+    (("preprocess", "crop_ratio"), 0, "preprocess: crop_ratio must be in (0, 1], got 0"),
+    (("preprocess", "crop_ratio"), 1.5, "preprocess: crop_ratio must be in (0, 1], got 1.5"),
+    (("preprocess", "image_size"), 0, "preprocess: image_size must be a positive integer"),
+    (("preprocess", "image_size"), -224, "preprocess: image_size must be a positive integer"),
+    (("preprocess", "image_size"), 100000, "preprocess.image_size must be at most 4096 px"),
+    (("preprocess", "stddev_rgb"), [0.2, 0.0, 0.2], "preprocess: mean_rgb/stddev_rgb must be"),
+    (("spec", "num_classes"), 0, "spec.num_classes must be a positive integer, got 0"),
+    (("real_dtype",), "int4", "real_dtype must be one of ('float32', 'float16')"),
+    (("program", 1, "stride"), 0, "program[1] (basic 'features.1'): field stride must be 1 or 2"),
+    (("program", 0, "kernel"), 0, "program[0] (stem 'features.0'): field kernel must be an odd"),
+    (("program", 0, "in"), -3, "program[0] (stem 'features.0'): field in must be a positive"),
+])
+def test_signed_headers_with_values_out_of_range_are_refused(tmp_path, capsys, path, value,
+                                                             words):
+  from bcdnet_jax.deploy import predict
+  bad = _resigned(small_artefact(tmp_path), tmp_path / "bad.bcdnet", _set(path, value))
+  with pytest.raises(packed.ArtefactError) as e:
+    export.load_packed(str(bad))
+  assert str(e.value).startswith(f"{bad}: header field {words}") or \
+      str(e.value).startswith(f"{bad}: {words}"), str(e.value)
+  # predict: one line, exit 2, before any image is read
+  assert predict.main(["--model", str(bad), str(tmp_path / "absent.png")]) == 2
+  assert capsys.readouterr().err == f"error: {e.value}\n"

@@ -13,6 +13,7 @@ from helpers import browser
 from helpers.configs import small_config
 from PIL import Image
 
+from bcdnet_jax import train
 from bcdnet_jax.train import loop, report
 
 LAYERS = ["features.1.conv3x3", "features.1.pw", "mlp.0.0.token_mlp"]
@@ -303,7 +304,7 @@ def test_report_of_real_runs_in_progress_resumed_and_pipeline(tmp_path, digits_d
       "stage1": {"model": {"stage": 1}, "num_train_steps": 2},
       "stage2": {"model": {"stage": 2}, "num_train_steps": 3}})
   pwd = str(tmp_path / "pipeline")
-  loop.train_and_evaluate(pcfg, pwd)
+  train.run(pcfg, pwd)
   page, _ = check_report(os.path.join(pwd, "report"), ALL_HEATMAPS)
   stages = report.find_stages(pwd)
   assert [(s.name, s.offset) for s in stages] == [("stage1", 0), ("stage2", 2)]
@@ -330,3 +331,26 @@ def test_without_chromium_the_browser_test_skips_unless_ci_requires_it(monkeypat
   assert ("BCDNET_REQUIRE_BROWSER is set" in msg) == (require == "1"), msg
   monkeypatch.setattr(browser.shutil, "which", lambda name: f"/usr/bin/{name}")
   assert browser.chromium()[:2] == ["/usr/bin/chromium", "--headless"]
+
+
+@pytest.mark.parametrize("kind", ["evaluation", "model directory", "converted model"])
+def test_evaluation_workdirs_and_model_directories_are_named_as_such(tmp_path, capsys, kind):
+  d = tmp_path / "d"
+  d.mkdir()
+  if kind == "evaluation":
+    (d / "config.json").write_text(json.dumps({"mode": "eval", "checkpoint": "runs/x"}))
+    (d / "results.json").write_text(json.dumps({"top1": 0.5}))
+    what = "is an evaluation workdir (results.json of evaluating a model of runs/x)"
+  else:
+    (d / "state").mkdir()
+    meta = {"spec": {}, "converted_from": {"source": "/w/a_3.pth.tar"}} \
+        if kind == "converted model" else {"spec": {}}
+    (d / "model.json").write_text(json.dumps(meta))
+    what = ("is a model directory converted from /w/a_3.pth.tar" if kind == "converted model"
+            else "is a model directory") + " (model.json and state/: weights, no training log)"
+  assert report.main([str(d)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {d} {what}"), err
+  assert err.endswith(": report draws a training run: pass the workdir main.py trained (it "
+                      "holds metrics.jsonl)\n") and err.count("\n") == 1
+  assert not (d / "report").exists()

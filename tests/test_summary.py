@@ -75,3 +75,35 @@ def test_cli_json_last_line():
                           "--stage", "2", "--image_size", "224"], capture_output=True,
                          text=True).stdout
   assert "features.13.pw" in table and "BOPs" in table
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--image_size", "30"], "--image_size: 30 px images do not fit the strides of mobilenet"),
+    (["--image_size", "0"], "--image_size: must be a positive number of pixels, got 0"),
+    (["--image_size", "-1"], "--image_size: must be a positive number of pixels, got -1"),
+    (["--image_size", "7"], "--image_size: 7 px images shrink to nothing"),
+    (["--image_size", "5000"], "--image_size: at most 4096 px, got 5000"),
+    (["--num_classes", "0"], "--num_classes: must be 1 or more, got 0"),
+    (["--checkpoint", "/nonexistent/model"], "/nonexistent/model: no such model directory"),
+])
+def test_out_of_range_flags_are_one_error_line(capsys, flags, words):
+  argv = flags if "--checkpoint" in flags else ["--arch", "bcdnet_a", *flags]
+  assert summary.main(argv) == 2
+  o = capsys.readouterr()
+  assert o.out == "" and o.err.startswith(f"error: {words}") and o.err.count("\n") == 1, o.err
+
+
+def test_a_model_directory_says_its_stage(tmp_path, capsys):
+  from bcdnet_jax import checkpoint
+  model = models.create_model("bcdnet_a", stage=1, num_classes=3, channels=[8, 16],
+                              mlp_groups=1, mlp_group=["pw"])
+  d = checkpoint.save_model(model, str(tmp_path / "m"), preprocess={"image_size": 32})
+  assert summary.main(["--checkpoint", d, "--json"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == (f"{d}: stage-1 mobilenet model, 3 classes (stage 1: binary "
+                      "activations, real-valued weights)")
+  r = json.loads(lines[-1])
+  assert r["stage"] == 1 and r["image_size"] == 32 and r["bops"] == 0
+  assert summary.main(["--checkpoint", d, "--stage", "2"]) == 2
+  assert capsys.readouterr().err == ("error: --stage: not with --checkpoint (the model "
+                                     "directory records its architecture)\n")

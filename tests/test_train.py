@@ -204,8 +204,12 @@ def test_train_save_resume_evaluate(tmp_path, digits_dir, caplog):
   assert open(os.path.join(wd, "results.json"), "rb").read() == written
   # evaluation mode on the workdir gives the same numbers
   c = small_config(digits_dir, mode="eval", checkpoint=wd)
-  ev = evaluate_lib.evaluate(c, str(tmp_path / "eval"))
+  with caplog.at_level("INFO", logger="bcdnet_jax"):
+    ev = evaluate_lib.evaluate(c, str(tmp_path / "eval"))
   assert ev["top1"] == res["top1"] and ev["top5"] == res["top5"]
+  stage = small_config(digits_dir).model.stage  # and it says which stage it evaluates
+  assert f"evaluating {wd}: stage-{stage} mobilenet model, 10 classes (stage {stage}: " \
+      in caplog.text
   # stage 2 from a stage-1 run; init_from an incompatible architecture fails, writes nothing
   bad = small_config(digits_dir, init_from=wd)
   bad.model.overrides = ml_collections.ConfigDict(dict(channels=(8, 16, 32), mlp_groups=1))

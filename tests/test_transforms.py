@@ -4,8 +4,11 @@ The references below are written here from torchvision's definitions (PIL path):
 default loader (`Image.open(f).convert("RGB")`), `Resize` sizes, `CenterCrop` offsets and
 padding, `resized_crop`, `RandomResizedCrop.get_params`, `RandomHorizontalFlip`,
 `ColorJitter.get_params` / `forward` and the ops through Pillow's ImageEnhance / HSV
-conversion. The photos are scikit-learn's bundled `china.jpg` and `flower.jpg`, read from
-the installed package, re-encoded in every format the pipeline must read.
+conversion. Every resize reference is Pillow <= 12's (`helpers.resample.released_resize`,
+NumPy, horizontal pass then vertical, each rounded), the order the released models were
+trained with, whatever the installed Pillow does. The photos are scikit-learn's bundled
+`china.jpg` and `flower.jpg`, read from the installed package, re-encoded in every format
+the pipeline must read.
 """
 
 import functools
@@ -16,6 +19,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers.resample import released_resize
 from PIL import Image, ImageEnhance
 from scipy import stats
 
@@ -93,11 +97,12 @@ def torchvision_eval(raw, size=224, resize=256):
     ow, oh = resize, int(resize * h / w)
   else:
     oh, ow = resize, int(resize * w / h)
+  arr = np.asarray(img)
   if (ow, oh) != (w, h):
-    img = img.resize((ow, oh), Image.BILINEAR)
+    arr = released_resize(arr, (ow, oh))
   top = int(round((oh - size) / 2.0))
   left = int(round((ow - size) / 2.0))
-  return np.asarray(img.crop((left, top, left + size, top + size)))
+  return arr[top:top + size, left:left + size]
 
 
 def report(what, diffs):
@@ -256,9 +261,9 @@ def test_train_crops_for_given_windows_equal_pil_crop_resize(monkeypatch):
       ours = transforms.train_transform(raw, transforms.rng(0, 0), image_size=224,
                                         random_flip=False, name=label)
       top, left, h, w = win
-      ref = ref_img.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)
+      ref = released_resize(np.asarray(ref_img)[top:top + h, left:left + w], (224, 224))
       assert ours.dtype == np.uint8 and ours.shape == (224, 224, 3), label
-      diffs.append(np.abs(ours.astype(int) - np.asarray(ref)))
+      diffs.append(np.abs(ours.astype(int) - ref))
   worst, same = report("train crops for given windows vs PIL crop + resize", diffs)
   assert worst == 0 and same == 1.0
 
@@ -470,7 +475,8 @@ def torchvision_train(raw, g, size, scale, jitter):
   torchvision's order: crop window, flip, jitter order, then the four factors."""
   img = pil_load(raw)
   top, left, h, w = torchvision_crop(g, img.height, img.width, scale=scale)
-  img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  img = Image.fromarray(released_resize(np.asarray(img)[top:top + h, left:left + w],
+                                        (size, size)))
   if g.random() < 0.5:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   order = g.permutation(4)
@@ -494,3 +500,54 @@ def test_train_transform_equals_torchvision_compose_draw_for_draw():
       ref = torchvision_train(raws[label], np.random.default_rng([i, j]), 64, (0.2, 1.0),
                               jitter)
       np.testing.assert_array_equal(ours, ref, f"{label} {j}")
+
+
+# --- the resize order: Pillow <= 12's on any Pillow -----------------------------------------
+
+RESIZE_SHAPES = {"tall": (300, 1100), "wide": (1100, 300), "square": (400, 400)}  # (w, h)
+CROP_WINDOWS = {"tall": (40, 30, 400, 100), "wide": (30, 40, 100, 400),  # (top, left, h, w)
+                "square": (10, 20, 250, 250)}
+
+
+@pytest.mark.parametrize("shape", list(RESIZE_SHAPES))
+def test_every_resize_follows_pillow12_order(shape, tmp_path):
+  """Evaluation (two sizes: the box-restricted passes and the whole-axis passes), training
+  crops (a tall, a wide and a square window) and `predict`: 0 levels from Pillow <= 12's
+  two-pass resize in NumPy. Pillow 13's own one-call resize of the tall crop differs
+  (python-pillow/Pillow#9549: vertical pass first), so this test sees the order."""
+  import PIL
+
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.deploy import predict
+  w, h = RESIZE_SHAPES[shape]
+  arr = np.random.default_rng(5).integers(0, 256, (h, w, 3)).astype(np.uint8)
+  raw = encode(Image.fromarray(arr), "PNG", compress_level=1)
+  for size, ratio in ((224, 0.875), (100, 0.9)):
+    ours = transforms.eval_transform(raw, image_size=size, crop_ratio=ratio)
+    ref = torchvision_eval(raw, size, transforms.eval_resize_size(size, ratio))
+    assert int(np.abs(ours.astype(int) - ref).max()) == 0, (shape, size)
+  path = tmp_path / f"{shape}.png"
+  path.write_bytes(raw)
+  ours = predict.load_image(str(path), preprocessing.record(224, 0.875))
+  np.testing.assert_array_equal(ours, torchvision_eval(raw))
+  top, left, ch, cw = CROP_WINDOWS[shape]
+  ours = np.asarray(transforms.crop_resize(Image.fromarray(arr), CROP_WINDOWS[shape], 224))
+  ref = released_resize(arr[top:top + ch, left:left + cw], (224, 224))
+  assert int(np.abs(ours.astype(int) - ref).max()) == 0, shape
+  one_call = np.asarray(Image.fromarray(arr[top:top + ch, left:left + cw]).resize(
+      (224, 224), Image.BILINEAR))
+  if shape == "tall" and int(PIL.__version__.split(".")[0]) >= 13:
+    assert int(np.abs(one_call.astype(int) - ref).max()) == 1
+  elif int(PIL.__version__.split(".")[0]) < 13:
+    np.testing.assert_array_equal(one_call, ref)
+
+
+def test_released_resize_reference_equals_pillow_one_pass_at_a_time():
+  """The NumPy reference is Pillow's arithmetic: each single-axis resize (one pass on any
+  Pillow) equals it, with and without a box, up- and down-scaling."""
+  arr = np.random.default_rng(6).integers(0, 256, (37, 53, 3)).astype(np.uint8)
+  img = Image.fromarray(arr)
+  for size, box in (((20, 37), None), ((120, 37), None), ((53, 11), None), ((53, 90), None),
+                    ((17, 37), (3.5, 0, 40.25, 37)), ((53, 9), (0, 2.75, 53, 30.5))):
+    np.testing.assert_array_equal(np.asarray(img.resize(size, Image.BILINEAR, box=box)),
+                                  released_resize(arr, size, box), (size, box))

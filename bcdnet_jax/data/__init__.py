@@ -6,7 +6,8 @@ mean/std normalisation runs on the device inside the jitted steps
 
 Modules:
   sources: random access to (image bytes, label, name): TFDS data sources (ArrayRecord),
-    folder trees of every file PIL opens, the digits demo.
+    the digits demo; label and decode checks.
+  folders: folder trees of every file PIL opens (ImageFolder order), checked first.
   order: the global example stream: a seeded permutation of the whole split per epoch,
     this process's rows of each global batch, the position a function of the step
     (resuming at step k reads O(batch) records, not O(k)).
@@ -16,6 +17,7 @@ Modules:
   prepare: `bcdnet-prepare`: build or convert TFDS datasets to ArrayRecord.
 """
 
+from bcdnet_jax.data.folders import check_folder
 from bcdnet_jax.data.loader import (
                                     EVAL_SPLITS,
                                     DataConfig,
@@ -26,10 +28,22 @@ from bcdnet_jax.data.loader import (
                                     train_batches,
 )
 from bcdnet_jax.data.order import EvalOrder, TrainOrder, epoch_permutation
-from bcdnet_jax.data.sources import DataError, Source, check_folder, check_images, open_source
-from bcdnet_jax.data.transforms import ImageDecodeError, eval_transform, train_transform
+from bcdnet_jax.data.sources import (
+                                    DataError,
+                                    Source,
+                                    check_images,
+                                    check_labels,
+                                    open_source,
+)
+from bcdnet_jax.data.transforms import (
+                                    ImageDecodeError,
+                                    eval_transform,
+                                    set_max_image_pixels,
+                                    train_transform,
+)
 
 __all__ = ["DataConfig", "DataError", "DevicePrefetch", "EVAL_SPLITS", "EvalOrder",
            "ImageDecodeError", "Source", "TrainOrder", "check_folder", "check_images",
-           "default_workers", "epoch_permutation", "eval_batches", "eval_transform",
-           "open_source", "parse_eval_dataset", "train_batches", "train_transform"]
+           "check_labels", "default_workers", "epoch_permutation", "eval_batches",
+           "eval_transform", "open_source", "parse_eval_dataset", "set_max_image_pixels",
+           "train_batches", "train_transform"]

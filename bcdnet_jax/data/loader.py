@@ -54,6 +54,7 @@ class DataConfig:
   random_flip: bool = True
   seed: int = 0
   workers: int = 0  # threads; 0: auto (`default_workers`)
+  max_image_pixels: int = 0  # images over it are refused; 0: PIL's limit
 
 
 def default_workers() -> int:
@@ -83,6 +84,7 @@ class _TrainExample:
 
   def __call__(self, j: int) -> dict:
     o, cfg = self.order, self.cfg
+    transforms.set_max_image_pixels(cfg.max_image_pixels)  # in this worker too
     step, row = divmod(int(j), o.local_batch)
     position = (self.start_step + step) * o.global_batch + o.process_index * o.local_batch + row
     ex = self.source[o.record(position)]
@@ -100,6 +102,7 @@ class _EvalExample:
     self.source, self.cfg, self.order, self.num_classes = source, cfg, order, num_classes
 
   def __call__(self, j: int) -> dict:
+    transforms.set_max_image_pixels(self.cfg.max_image_pixels)  # in this worker too
     batch, row = divmod(int(j), self.order.local_batch)
     index = int(self.order.records(batch)[row])
     s = self.cfg.image_size

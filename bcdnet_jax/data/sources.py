@@ -93,6 +93,14 @@ class Source:
   def _getitems(self, indices) -> list[dict]:
     return self.__getitems__(indices)
 
+  def read_labels(self, indices) -> list:
+    """The labels of the records `indices` (ints, or int64 arrays for `multi_label`).
+    Reads the records; sources that hold their labels override it (no file read)."""
+    return [rec["label"] for rec in self.__getitems__(list(indices))]
+
+  # Whether `read_labels` of every record is cheap (labels held in memory, no image read)
+  labels_in_memory: bool = False
+
   def _check_index(self, index) -> int:
     i = int(index)
     if not 0 <= i < len(self):
@@ -163,8 +171,10 @@ class TfdsSource(Source):
     name = ex.get(self.name_key) if self.name_key else None
     if isinstance(name, bytes):
       name = name.decode("utf-8", "replace")
-    return {"image": bytes(ex["image"]), "label": label,
-            "name": name or f"{self.split}[{index}]"}
+    name = name or f"{self.split}[{index}]"
+    # `check_labels` samples a large split; a bad label it missed stops here, never scored
+    _check_label(self, label, name)
+    return {"image": bytes(ex["image"]), "label": label, "name": name}
 
   def __getitem__(self, index: int) -> dict:
     i = self._check_index(index)
@@ -354,6 +364,11 @@ def digits_builder(data_dir: str | None, prepare: bool = True):
     builder = _digits_builder_class()(data_dir=data_dir, file_format="array_record")
     prepared = builder.is_prepared()
   if prepare and not prepared:
+    # the one file set written outside the workdir: say where (the default is
+    # ~/tensorflow_datasets/digits, a --config.data_dir is created if missing)
+    import logging
+    logging.getLogger("bcdnet_jax").info(
+        "preparing the digits data set (1,797 images) in %s", builder.data_dir)
     try:
       with quiet_tfds(), quiet_absl():
         builder.download_and_prepare()
@@ -374,144 +389,6 @@ def open_digits(split: str, data_dir: str | None) -> TfdsSource:
   if split not in splits:
     raise DataError(f"dataset 'digits' has no split {split!r}; splits: {', '.join(splits)}")
   return TfdsSource("digits", split, data_dir, builder)
-
-
-# --- folder trees ---------------------------------------------------------------------------
-
-def _visible(name: str) -> bool:
-  return not name.startswith(".")
-
-
-def _subdirs(path: str) -> list[str]:
-  return sorted(d for d in os.listdir(path)
-                if _visible(d) and os.path.isdir(os.path.join(path, d)))
-
-
-def _class_files(class_dir: str) -> list[str]:
-  """The visible files under `class_dir` (recursively, symlinks followed), as paths
-  relative to it, sorted."""
-  out = []
-  for top, dirs, files in os.walk(class_dir, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if _visible(d))
-    rel = os.path.relpath(top, class_dir)
-    out += [f if rel == "." else os.path.join(rel, f) for f in files if _visible(f)]
-  return sorted(out)
-
-
-def check_folder(root: str) -> None:
-  """An ImageFolder tree whose splits have the same classes, none of them without files;
-  the message names the classes at fault (the labels would not mean the same)."""
-  if not os.path.isdir(root):
-    raise DataError(f"image folder {root!r} does not exist (expected "
-                    f"{root}/<split>/<class>/<image file>)")
-  splits = _subdirs(root)
-  if not splits:
-    raise DataError(f"image folder {root}: no split directories (expected "
-                    f"{root}/<split>/<class>/<image file>)")
-  classes = {}
-  for split in splits:
-    sdir = os.path.join(root, split)
-    names = _subdirs(sdir)
-    if not names:
-      raise DataError(f"image folder {sdir}: no class directories (expected "
-                      f"{sdir}/<class>/<image file>)")
-    empty = [n for n in names if not _class_files(os.path.join(sdir, n))]
-    if empty:
-      raise DataError(f"image folder {sdir}: class directories without images: "
-                      f"{', '.join(empty[:10])}")
-    classes[split] = set(names)
-  first = splits[0]
-  for split in splits[1:]:
-    if classes[split] != classes[first]:
-      only_a = sorted(classes[first] - classes[split])
-      only_b = sorted(classes[split] - classes[first])
-      raise DataError(f"image folder {root}: splits {first!r} and {split!r} have different "
-                      f"classes (only in {first}: {only_a[:10]}; only in {split}: "
-                      f"{only_b[:10]}); the labels would not mean the same")
-
-
-# Signatures of the usual photo formats, whose files PIL opens: checking 16 bytes costs
-# ~20 us a file against ~150 us for PIL's header parser (1.28 M ImageNet files: ~25 s
-# rather than ~3 min at every start). Other files go through PIL.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a",
-               b"II*\x00", b"MM\x00*")
-
-
-def _is_image(path: str) -> bool:
-  """Whether the file starts like an image: a JPEG, PNG, GIF, TIFF or WebP signature, or
-  else PIL recognises its content (its header; the pixels are not decoded)."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with open(path, "rb") as f:
-      head = f.read(16)
-  except OSError:
-    return False
-  if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-    return True
-  try:
-    with Image.open(path):
-      return True
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-    return False
-
-
-class FolderSource(Source):
-  """One split of an ImageFolder tree `root/<split>/<class>/<file>`.
-
-  Records are the split's files sorted by (class, path within the class directory), the
-  label the class's index among the sorted class directory names (torchvision's
-  `ImageFolder` order). Every file whose content PIL recognises enters the split, whatever
-  its extension (JPEG, PNG, GIF, BMP, WebP, TIFF, ...); opening the source reads the start
-  of every file (threads; the usual formats by their signature, others by PIL's header
-  parser) and raises `DataError` naming the files that are not images. A file that starts
-  like an image but is damaged further on is named by `check_images` or when decoded.
-  Hidden files and directories (".DS_Store", ".git") are ignored. Files in
-  sub-directories of a class directory belong to that class. The pixels are decoded by
-  `check_images` and by the transforms.
-  """
-
-  def __init__(self, root: str, split: str, *, threads: int = 8):
-    self.root, self.split = root, split
-    self.dataset = f"folder:{root}"
-    sdir = os.path.join(root, split)
-    self.classes = _subdirs(sdir)
-    self.num_classes = len(self.classes)
-    self.files, labels = [], []
-    for label, name in enumerate(self.classes):
-      files = _class_files(os.path.join(sdir, name))
-      self.files += [os.path.join(name, f) for f in files]
-      labels += [label] * len(files)
-    self.labels = np.asarray(labels, np.int64)
-    paths = [os.path.join(sdir, f) for f in self.files]
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      ok = list(pool.map(_is_image, paths, chunksize=64))
-    bad = [f for f, good in zip(self.files, ok) if not good]
-    if bad:
-      raise DataError(f"image folder {sdir}: {len(bad)} file(s) that are not images PIL "
-                      f"can open: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
-                      "remove or replace them")
-
-  def __len__(self) -> int:
-    return len(self.files)
-
-  def __getitem__(self, index: int) -> dict:
-    i = self._check_index(index)
-    path = os.path.join(self.root, self.split, self.files[i])
-    try:
-      with open(path, "rb") as f:
-        image = f.read()
-    except OSError as e:
-      raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    return {"image": image, "label": int(self.labels[i]), "name": self.files[i]}
-
-
-def open_folder(root: str, split: str) -> FolderSource:
-  check_folder(root)
-  splits = _subdirs(root)
-  if split not in splits:
-    raise DataError(f"image folder {root} has no split {split!r}; splits: "
-                    f"{', '.join(splits)}")
-  return FolderSource(root, split)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -536,10 +413,73 @@ def open_source(dataset: str, split: str, data_dir: str | None) -> Source:
       that are not images.
   """
   if dataset.startswith("folder:"):
-    return open_folder(dataset[len("folder:"):], split)
+    from bcdnet_jax.data import folders
+    return folders.open_folder(dataset[len("folder:"):], split)
   if dataset == "digits":
     return open_digits(split, data_dir)
   return open_tfds(dataset, split, data_dir)
+
+
+LABEL_SAMPLE = 1024  # records whose label `check_labels` reads in a large TFDS split
+LABEL_FULL_SCAN = 20_000  # splits up to this size have every label read
+
+
+def _check_label(source: Source, label, name: str) -> None:
+  """Raises `DataError` for a label outside [0, num_classes) (-1: TFDS's missing label)."""
+  values = np.asarray(label).reshape(-1)
+  bad = values[(values < 0) | (values >= source.num_classes)]
+  if not bad.size:
+    return
+  where = f"{source.dataset} split {source.split!r}"
+  if int(bad[0]) == -1:
+    raise DataError(f"{where} has no labels (record {name} has label -1, TFDS's missing "
+                    "label; e.g. imagenet2012's test split): it can be neither trained on "
+                    "nor scored; use a labelled split")
+  raise DataError(f"{where}: record {name} has label {int(bad[0])}, outside [0, "
+                  f"{source.num_classes}) of the data set's {source.num_classes} classes")
+
+
+def _label_indices(n: int, all_cheap: bool) -> np.ndarray:
+  """The records whose labels `check_labels` reads: all, or an even sample of a large split."""
+  if all_cheap or n <= LABEL_FULL_SCAN:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, LABEL_SAMPLE).round().astype(np.int64))
+
+
+def check_labels(source: Source) -> None:
+  """Raises `DataError` (one line: data set, split, record and value; "has no labels" for
+  -1, TFDS's missing label) when a label of `source` is outside [0, num_classes).
+
+  Cost: labels held in memory (folder trees) are all checked; a TFDS split of up to
+  `LABEL_FULL_SCAN` records has every record read, a larger one `LABEL_SAMPLE` records
+  spread evenly over it (ArrayRecord stores the label inside the record, with the image:
+  reading all of ImageNet's 1.28 M would read its 140 GB). An unlabelled TFDS split is -1
+  throughout, so the sample finds it; a stray bad label the sample misses stops the run
+  when its record is read (`TfdsSource`), never trained on or scored.
+  """
+  indices = _label_indices(len(source), source.labels_in_memory)
+  for start in range(0, len(indices), 256):
+    chunk = indices[start:start + 256]
+    for i, label in zip(chunk, source.read_labels(chunk)):
+      _check_label(source, label, f"{source.split}[{int(i)}]")
+
+
+def _decode_problems(source: Source, threads: int) -> list[tuple[str, Exception]]:
+  """(name, ImageDecodeError) of every record whose image does not decode, in index order."""
+  import importlib
+  # the module itself, not a package attribute of the same name
+  transforms = importlib.import_module("bcdnet_jax.data.transforms")
+
+  def check(i):
+    rec = source[i]
+    try:
+      transforms.decode(rec["image"], rec["name"])
+    except transforms.ImageDecodeError as e:
+      return rec["name"], e
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    return [p for p in pool.map(check, range(len(source)), chunksize=32) if p is not None]
 
 
 def undecodable(source: Source, *, threads: int = 2) -> list[str]:
@@ -555,20 +495,7 @@ def undecodable(source: Source, *, threads: int = 2) -> list[str]:
   Returns:
     The names of the undecodable records, in index order.
   """
-  import importlib
-  # the module itself, not a package attribute of the same name
-  transforms = importlib.import_module("bcdnet_jax.data.transforms")
-
-  def check(i):
-    rec = source[i]
-    try:
-      transforms.decode(rec["image"], rec["name"])
-    except transforms.ImageDecodeError:
-      return rec["name"]
-    return None
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    return [n for n in pool.map(check, range(len(source)), chunksize=32) if n is not None]
+  return [name for name, _ in _decode_problems(source, threads)]
 
 
 def check_images(source: Source, *, threads: int = 2) -> None:
@@ -579,12 +506,28 @@ def check_images(source: Source, *, threads: int = 2) -> None:
     threads: decoding threads.
 
   Raises:
-    DataError: naming the records whose image cannot be decoded (not an image format PIL
-      reads, empty or truncated).
+    DataError: naming the records whose image cannot be decoded: over the pixel limit
+      (the first named with its size and the limit, and how to raise it), or else not an
+      image format PIL reads, empty or truncated.
   """
-  bad = undecodable(source, threads=threads)
+  from bcdnet_jax.data.transforms import ImageTooLargeError
+  problems = _decode_problems(source, threads)
+  large = [e for _, e in problems if isinstance(e, ImageTooLargeError)]
+  where = f"{source.dataset} split {source.split!r}"
+  if large:
+    more = f" ({len(large) - 1} more image(s) over the limit)" if len(large) > 1 else ""
+    raise DataError(f"{where}: {large[0]}{more}")
+  bad = [name for name, _ in problems]
   if bad:
-    raise DataError(f"{source.dataset} split {source.split!r}: {len(bad)} undecodable "
+    raise DataError(f"{where}: {len(bad)} undecodable "
                     f"image(s) (not an image PIL can decode, empty or truncated): "
                     f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; remove or "
                     "replace them")
+
+
+def __getattr__(name: str):
+  """The folder-tree names, defined in `data.folders` (imported on use)."""
+  if name in ("FolderSource", "check_folder", "open_folder"):
+    from bcdnet_jax.data import folders
+    return getattr(folders, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
+import re
+import threading
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -34,6 +38,71 @@ _MASK64 = (1 << 64) - 1
 
 class ImageDecodeError(errors.UserError):
   """Bytes that PIL cannot open or decode; the message names the image and says why."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+  """An image over the pixel limit (PIL's decompression-bomb guard); the message names it,
+  its size and the limit, and how to raise the limit (`config.max_image_pixels`)."""
+
+
+# --- the pixel limit ------------------------------------------------------------------------
+
+# PIL warns above Image.MAX_IMAGE_PIXELS (89,478,485 px) and refuses twice that: a guard
+# against small files that decode to gigabytes. Our limit is the refusal (0: PIL's).
+PIL_WARN_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_limit = 0
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+log = logging.getLogger("bcdnet_jax")
+
+
+def max_image_pixels() -> int:
+  """The number of pixels above which an image is refused (`set_max_image_pixels`)."""
+  return _limit or 2 * PIL_WARN_PIXELS
+
+
+def set_max_image_pixels(limit: int = 0) -> None:
+  """Images over `limit` pixels are refused (`ImageTooLargeError`); 0: PIL's default,
+  178,956,970 (2 x Image.MAX_IMAGE_PIXELS). Sets PIL's process-wide limit, so the threads
+  decoding images follow it; the data workers call it with the run's
+  `config.max_image_pixels`. PIL's own DecompressionBombWarning is silenced in this process:
+  `decode` says it once per file in one line of ours instead."""
+  global _limit
+  limit = int(limit)
+  if limit < 0:
+    raise errors.UserError(f"config.max_image_pixels: must be >= 0 (0: PIL's limit of "
+                           f"{2 * PIL_WARN_PIXELS:,} pixels), got {limit}")
+  if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning
+             for f in warnings.filters):  # (a test harness may reset the filters)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+  _limit = limit
+  # PIL refuses above 2 x MAX_IMAGE_PIXELS (a float compares exactly: odd limits too)
+  Image.MAX_IMAGE_PIXELS = limit / 2 if limit else PIL_WARN_PIXELS
+
+
+def _too_large(name: str, e: Exception) -> ImageTooLargeError:
+  found = re.search(r"\((\d+) pixels\)", str(e))
+  size = f"{int(found.group(1)):,} pixels" if found else "its size"
+  reason = (f"{size} is over the limit of {max_image_pixels():,} pixels (PIL's guard against "
+            "decompression bombs)")
+  err = ImageTooLargeError(f"cannot decode image {name}: {reason}; for data sets with images "
+                           "this large set --config.max_image_pixels above it")
+  err.reason = reason  # without the config field (predict has none)
+  return err
+
+
+def _warn_large(img: Image.Image, name: str) -> None:
+  """One line per file (per process) for an image above PIL's warning size under PIL's
+  default limit (its own warning is silenced: it came once per read, without the file)."""
+  if _limit or img.width * img.height <= PIL_WARN_PIXELS:
+    return
+  with _warn_lock:
+    if name in _warned:
+      return
+    _warned.add(name)
+  log.warning("%s: %d x %d px (%.0f megapixels) is a very large image; decoding it (images "
+              "over %s pixels are refused; config.max_image_pixels raises the limit)", name,
+              img.width, img.height, img.width * img.height / 1e6, f"{max_image_pixels():,}")
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -56,15 +125,20 @@ def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
   Raises:
     ImageDecodeError: naming `name`, when PIL cannot identify or fully decode the bytes
       (empty, truncated, not an image).
+    ImageTooLargeError: (a subclass) for an image over `max_image_pixels()`.
   """
+  set_max_image_pixels(_limit)  # PIL's warning silenced, our line instead (once)
   try:
     img = Image.open(io.BytesIO(raw))
+    _warn_large(img, name)
     if img.mode == "RGB":
       img.load()  # convert("RGB") of an RGB image is a copy of these same pixels
     else:
       img = img.convert("RGB")
   except MemoryError:
     raise
+  except Image.DecompressionBombError as e:
+    raise _too_large(name, e) from None
   except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
     if not raw:
       why = "empty file"
@@ -179,13 +253,37 @@ def apply_jitter(img: Image.Image, order, factors) -> Image.Image:
 
 # --- the training and evaluation transforms -------------------------------------------------
 
+def resize(img: Image.Image, size, box=None) -> Image.Image:
+  """PIL's BILINEAR `img.resize(size, box=box)` in the order of Pillow <= 12, on any Pillow.
+
+  Pillow <= 12, which the released models were trained and evaluated with, always resized
+  in two passes, horizontal then vertical, each rounded to uint8; Pillow 13 runs the
+  vertical pass first when the height shrinks much more than the width
+  (python-pillow/Pillow#9549), which moves 1 level on up to a quarter of the values. Here
+  the passes are two explicit one-dimension resizes: Pillow's `ImagingResampleInner` runs a
+  pass only along an axis whose size or box changes (`need_horizontal` /
+  `need_vertical`), so each call is exactly one of its passes, with the coefficients of
+  the two-dimension resize (they depend only on the axis's input size, box ends and output
+  size). `size` is (width, height); `box` (left, upper, right, lower) in input pixels,
+  default the whole image."""
+  w, h = img.size
+  out_w, out_h = size
+  x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+  if (out_w, x0, x1) != (w, 0, w):
+    img = img.resize((out_w, h), Image.BILINEAR, box=(x0, 0, x1, h))
+  if (out_h, y0, y1) != (h, 0, h):
+    img = img.resize((out_w, out_h), Image.BILINEAR, box=(0, y0, out_w, y1))
+  return img
+
+
 def crop_resize(img: Image.Image, window, size: int) -> Image.Image:
   """torchvision `resized_crop` on PIL: `crop` the (top, left, h, w) window, then
-  `resize((size, size), BILINEAR)` (PIL's filter taps clamp at the crop's edges)."""
+  `resize((size, size), BILINEAR)` in Pillow <= 12's order (`resize`; PIL's filter taps
+  clamp at the crop's edges)."""
   top, left, h, w = window
   img = img.crop((left, top, left + w, top + h))
   if img.size != (size, size):
-    img = img.resize((size, size), Image.BILINEAR)
+    img = resize(img, (size, size))
   return img
 
 
@@ -218,15 +316,15 @@ def eval_resize_size(image_size: int, crop_ratio: float) -> int:
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
   """torchvision `Resize(size)` on PIL: the shorter side becomes `size`, the longer
-  `int(size * long / short)` (Python floats, as torchvision), BILINEAR; no-op when the
-  size is already right."""
+  `int(size * long / short)` (Python floats, as torchvision), BILINEAR in Pillow <= 12's
+  order (`resize`); no-op when the size is already right."""
   w, h = img.size
   short, long = (w, h) if w <= h else (h, w)
   new_long = int(size * long / short)
   new_w, new_h = (size, new_long) if w <= h else (new_long, size)
   if (new_w, new_h) == (w, h):
     return img
-  return img.resize((new_w, new_h), Image.BILINEAR)
+  return resize(img, (new_w, new_h))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -271,7 +369,9 @@ def _resize_center_crop(img: Image.Image, resize: int, size: int) -> Image.Image
   So the horizontal pass of the whole image followed by the crop's columns, then the
   vertical pass of those columns followed by the crop's rows, gives the same pixels; a
   pass restricted to the crop by a box where `_exact_box` proves the coefficients equal
-  skips the other outputs. Equal to the reference on 100 % of values (tested)."""
+  skips the other outputs. Every `img.resize` here changes one axis only, so it is one of
+  PIL's passes (see `resize`), in Pillow <= 12's order on any Pillow. Equal to the
+  reference on 100 % of values (tested)."""
   w, h = img.size
   short, long = (w, h) if w <= h else (h, w)
   new_long = int(resize * long / short)

@@ -10,7 +10,8 @@ Binary weights are stored as sign bits, 32 per uint32 word along the input chann
 rare weights that are exactly 0 (sign 0, as torch.sign) as the int32 positions of their
 sign bits (`<conv>.zeros`), so the file grows by 4 bytes per zero weight, not by a mask.
 Real-valued tensors are float32, or float16 with `real_dtype='float16'` (computed in
-float32 after loading).
+float32 after loading; not exact: float16 rounds every real-valued tensor, and
+`--float16 --verify` measures what that changes against float32 storage).
 
     python -m bcdnet_jax export --checkpoint DIR --out model.bcdnet [--float16] [--verify]
 """
@@ -31,10 +32,11 @@ import numpy as np
 from bcdnet_jax import errors, fileio, preprocessing
 from bcdnet_jax.deploy import packed
 from bcdnet_jax.deploy.packed import FORMAT, ArtefactError, DeployModel, load_packed, pack_bits
+from bcdnet_jax.log import logger as log
 
 __all__ = ["FORMAT", "ArtefactError", "ExportError", "export_checkpoint", "export_model",
            "load_packed", "verify"]
-REAL_DTYPES = ("float32", "float16")
+REAL_DTYPES = packed.REAL_DTYPES
 
 
 class ExportError(errors.UserError):
@@ -252,10 +254,15 @@ def zero_positions(zerobits) -> np.ndarray:
   return np.flatnonzero(flat).astype(np.int32)
 
 
-def _header(spec, program, real_dtype, source, preprocess=None) -> dict:
+_DEFAULT_PRE = "default"  # ImageNet's record (preprocessing.DEFAULT); None: no record
+
+
+def _header(spec, program, real_dtype, source, preprocess=_DEFAULT_PRE) -> dict:
+  if preprocess == _DEFAULT_PRE:
+    preprocess = preprocessing.DEFAULT
   return {"format": FORMAT, "spec": spec.to_json(), "program": program,
           "real_dtype": real_dtype, "source": source,
-          "preprocess": dict(preprocess or preprocessing.DEFAULT)}
+          "preprocess": None if preprocess is None else dict(preprocess)}
 
 
 # --- writing and loading ---------------------------------------------------------------------
@@ -276,15 +283,11 @@ def check_out(out: str, overwrite: bool = False, flag: str = "overwrite=True") -
   fileio.check_writable(out, ExportError)
 
 
-def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: bool = False,
-                 source: str = "", preprocess: dict | None = None) -> dict:
-  """Writes the deploy artefact of `model` to `out`; returns a report of what it holds.
-
-  The file is written next to `out` and renamed into place, so an existing file is
-  replaced only with `overwrite=True`, and never by a half-written one.
-  """
-  out = os.path.abspath(out)
-  check_out(out, overwrite)
+def build_artefact(model, *, real_dtype: str = "float32", source: str = "",
+                   preprocess=_DEFAULT_PRE) -> tuple[dict, dict, dict]:
+  """(header, arrays, counts) of `model`'s artefact, validated, in memory: what
+  `export_model` writes and what `DeployModel(header, arrays)` runs. `preprocess=None`
+  records none (predict then asks for --image_size)."""
   program, tensors = deploy_tensors(model, real_dtype)
   bad = errors.first_non_finite(tensors.items())
   if bad:
@@ -304,14 +307,47 @@ def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: boo
       continue
     arrays[name] = np.asarray(x)
   header = _header(model.spec, program, real_dtype, source, preprocess)
-  packed.validate(header, arrays, out)
-  with fileio.replacing(out) as tmp:
-    size = packed.write(tmp, header, arrays)
+  packed.validate(header, arrays, source or "model")
+  return header, arrays, {"masked_convs": masked, "zero_weights": zero_weights}
+
+
+def export_model(model, out: str, *, real_dtype: str = "float32", overwrite: bool = False,
+                 source: str = "", preprocess=_DEFAULT_PRE) -> dict:
+  """Writes the deploy artefact of `model` to `out`; returns a report of what it holds.
+
+  The file is written next to `out` and renamed into place, so an existing file is
+  replaced only with `overwrite=True`, and never by a half-written one; a full disk is an
+  ExportError (nothing written, an existing file kept).
+  """
+  out = os.path.abspath(out)
+  check_out(out, overwrite)
+  header, arrays, counts = build_artefact(model, real_dtype=real_dtype, source=source,
+                                          preprocess=preprocess)
+  try:
+    with fileio.replacing(out) as tmp:
+      size = packed.write(tmp, header, arrays)
+  except OSError as e:  # a full disk, a quota, a directory removed meanwhile
+    why = fileio.disk_full(e) or e.strerror or str(e)
+    kept = " (the existing file is kept)" if os.path.exists(out) else ""
+    raise ExportError(f"{out}: cannot write the artefact there ({why}); nothing "
+                      f"written{kept}") from None
   binary = sum(a.nbytes for k, a in arrays.items() if k.endswith((".bits", ".zeros")))
   return {"path": out, "file_bytes": size, "binary_bytes": binary,
           "real_bytes": sum(a.nbytes for a in arrays.values()) - binary,
-          "tensors": len(arrays), "masked_convs": masked, "zero_weights": zero_weights,
-          "real_dtype": real_dtype}
+          "tensors": len(arrays), **counts, "real_dtype": real_dtype}
+
+
+def recorded_preprocessing(checkpoint_dir: str):
+  """The preprocessing recorded in a model directory, or None (logged) when it records
+  none: the artefact then records none either, rather than ImageNet's 224 px that a 32 px
+  model would silently get."""
+  from bcdnet_jax import checkpoint
+  if checkpoint.read_meta(checkpoint_dir).get("preprocessing"):
+    return checkpoint.read_preprocessing(checkpoint_dir)
+  log.warning("%s records no preprocessing (image size, crop ratio); the "
+              "artefact records none either, so predict will ask for --image_size",
+              checkpoint_dir)
+  return None
 
 
 def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:
@@ -322,12 +358,23 @@ def export_checkpoint(checkpoint_dir: str, out: str, **kw) -> dict:
   model = checkpoint.restore_model(checkpoint_dir)
   model.eval()
   return export_model(model, out, source=os.path.abspath(checkpoint_dir),
-                      preprocess=checkpoint.read_preprocessing(checkpoint_dir), **kw)
+                      preprocess=recorded_preprocessing(checkpoint_dir), **kw)
+
+
+def _compare(y, ref) -> dict:
+  """Largest |difference| of logits `y` from `ref` (N, classes), and top-1 agreement."""
+  agree = int(np.sum(y.argmax(-1) == ref.argmax(-1)))
+  return {"max_abs_diff": float(np.max(np.abs(y - ref))),
+          "max_logit": float(np.max(np.abs(ref))), "top1_agree": agree,
+          "images": int(ref.shape[0]), "top1_equal": agree == ref.shape[0]}
 
 
 def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
-           seed: int = 0) -> dict:
-  """Largest |logit difference| of each path against the float model, and top-1 agreement.
+           seed: int = 0, float32: DeployModel | None = None) -> dict:
+  """Per path: the largest |logit difference| against the float model and the top-1
+  agreement (of `batch` random `image_size` px images); with `float32` (the same model
+  stored in float32, e.g. against a float16 artefact) also `vs_float32`, what the storage
+  type changes, and `float32`, that artefact's own comparison with the float model.
 
   The float model runs under the 'float32' policy (true float32 products, whatever policy
   it was trained with), the arithmetic of the artefact's real-valued parts."""
@@ -347,13 +394,58 @@ def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
     y = np.asarray(predict(x, path=path))
     if not np.all(np.isfinite(y)):
       raise ExportError(f"verify: the artefact's {path} path gives non-finite logits")
-    out[path] = {"max_abs_diff": float(np.max(np.abs(y - ref))),
-                 "max_logit": float(np.max(np.abs(ref))),
-                 "top1_equal": bool(np.array_equal(y.argmax(-1), ref.argmax(-1)))}
+    out[path] = _compare(y, ref)
+    if float32 is not None:
+      y32 = np.asarray(float32(x, path=path))
+      out[path]["float32"] = _compare(y32, ref)
+      out[path]["vs_float32"] = _compare(y, y32)
   return out
 
 
+MAX_VERIFY_IMAGE_SIZE = 1024  # px: random images for a comparison; larger proves nothing more
+MAX_VERIFY_BATCH = 256
+
+
+def _print_verify(res: dict, real_dtype: str, batch: int, size: int) -> None:
+  print(f"  verify: {batch} random {size}x{size} images, each path against the float "
+        "model (float32 products)")
+  for path, r in res.items():
+    rows = [(real_dtype, r)] + ([("float32", r["float32"])] if "float32" in r else [])
+    for name, q in rows:
+      print(f"    {name} {path:6s} max |logit diff| {q['max_abs_diff']:.3g} (max |logit| "
+            f"{q['max_logit']:.3g}), top-1 agree {q['top1_agree']}/{q['images']}")
+  if "vs_float32" in res["packed"]:
+    worst = max(res.values(), key=lambda q: q["vs_float32"]["max_abs_diff"])["vs_float32"]
+    changed = max(q["vs_float32"]["images"] - q["vs_float32"]["top1_agree"]
+                  for q in res.values())
+    print(f"  float16 storage against float32 storage (an in-memory float32 artefact, same "
+          f"images): logits change by up to {worst['max_abs_diff']:.3g}, top-1 changes on "
+          f"{changed} of {worst['images']}; not exact: float16 rounds every real-valued "
+          "tensor, so measure the accuracy on your test set before deploying it")
+
+
+def _check_args(a) -> None:
+  """Everything about the flags that can be wrong, before anything is read or written."""
+  from bcdnet_jax import checkpoint, summary
+  check_out(a.out, a.overwrite, "--overwrite")  # before minutes of restoring
+  spec = checkpoint.read_spec(a.checkpoint)
+  _check_exportable(spec)
+  if a.verify:
+    summary.check_image_size(spec, a.verify_image_size, "--verify_image_size",
+                             maximum=MAX_VERIFY_IMAGE_SIZE, error=ExportError)
+    from bcdnet_jax.nn import models
+    program, _ = deploy_tensors(models.abstract_model(spec), abstract=True)
+    if a.verify_image_size < packed.min_image_size(program):
+      raise ExportError(f"--verify_image_size: {a.verify_image_size} px is under the "
+                        f"{packed.min_image_size(program)} px the artefact's strides need")
+    if not 1 <= a.verify_batch <= MAX_VERIFY_BATCH:
+      raise ExportError(f"--verify_batch: must be 1 to {MAX_VERIFY_BATCH} images, got "
+                        f"{a.verify_batch}")
+
+
 def main(argv=None) -> int:
+  from bcdnet_jax import log as log_lib
+  log_lib.setup()
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True,
                  help="model directory (convert_torch_ckpt.py) or training workdir")
@@ -361,29 +453,35 @@ def main(argv=None) -> int:
   p.add_argument("--float16", action="store_true", help="store real-valued tensors in fp16")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--verify", action="store_true",
-                 help="compare every path with the float model on random images")
+                 help="compare every path with the float model on random images (with "
+                      "--float16: also what float16 storage changes against float32)")
   p.add_argument("--verify_image_size", type=int, default=64)
+  p.add_argument("--verify_batch", type=int, default=4, help="random images of --verify")
   a = p.parse_args(argv)
   try:
-    check_out(a.out, a.overwrite, "--overwrite")  # before minutes of restoring
-    report = export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite,
-                               real_dtype="float16" if a.float16 else "float32")
+    from bcdnet_jax import checkpoint
+    _check_args(a)
+    model = checkpoint.restore_model(a.checkpoint)
+    model.eval()
+    dtype = "float16" if a.float16 else "float32"
+    report = export_model(model, a.out, overwrite=a.overwrite, real_dtype=dtype,
+                          source=os.path.abspath(a.checkpoint),
+                          preprocess=recorded_preprocessing(a.checkpoint))
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes "
           f"({report['binary_bytes']:,} binary, {report['real_bytes']:,} real-valued "
           f"{report['real_dtype']})")
+    print(f"  from {checkpoint.describe(a.checkpoint)}")
     if a.verify:
-      from bcdnet_jax import checkpoint
-      model = checkpoint.restore_model(a.checkpoint)
-      res = verify(model, load_packed(a.out), image_size=a.verify_image_size)
-      for path, r in res.items():
-        print(f"  {path:6s} max |logit diff| {r['max_abs_diff']:.3g} "
-              f"(max |logit| {r['max_logit']:.3g}), top-1 equal: {r['top1_equal']}")
+      f32 = (DeployModel(*build_artefact(model, source=a.checkpoint)[:2], "float32")
+             if a.float16 else None)
+      res = verify(model, load_packed(a.out), batch=a.verify_batch,
+                   image_size=a.verify_image_size, float32=f32)
+      _print_verify(res, dtype, a.verify_batch, a.verify_image_size)
       report["verify"] = res
   except (errors.UserError, ValueError) as e:
     return errors.report(e)
   print(json.dumps(report))
   return 0
-
 
 
 def cli() -> None:

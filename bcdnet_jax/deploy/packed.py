@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcdnet_jax import errors
+from bcdnet_jax.deploy import header_checks
 
 # The token shifts are the model's own (pure jnp) functions, so the two cannot diverge.
 from bcdnet_jax.nn.layers import conv as _conv
@@ -58,6 +59,7 @@ _CHUNK = 32  # words per step of the XNOR-popcount reduction
 
 
 FORMAT = "bcdnet-jax-deploy"  # the header's "format" field of every artefact
+REAL_DTYPES = header_checks.REAL_DTYPES
 
 
 class ArtefactError(errors.UserError):
@@ -559,10 +561,11 @@ def _need(tensors, name, shape, where):
 
 
 def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
-  """Checks the program against the tensors.
+  """Checks the header's values for their ranges and the program against the tensors.
 
   Every op's tensors must exist with the shapes that the channel widths in the header
-  imply, so a wrong architecture header fails here.
+  imply, so a wrong architecture header fails here. The ranges are
+  `header_checks.check_header`'s.
 
   Args:
     header: the JSON header.
@@ -575,6 +578,7 @@ def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
   program = header.get("program")
   if not isinstance(program, list) or not program:
     raise ArtefactError(f"{where}: header has no program")
+  header_checks.check_header(header, where, ArtefactError)
   c = None
   for i, op in enumerate(program):
     kind, n = op.get("op"), op.get("name")
@@ -604,6 +608,17 @@ def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
       return
     c = o
   raise ArtefactError(f"{where}: the program does not end with a head")
+
+
+def min_image_size(program: list[dict]) -> int:
+  """The smallest image side (px) a program runs on: its total stride, the stem's (2, and
+  2 more with a max-pool) times the blocks'."""
+  size = 1
+  for op in program:
+    if op["op"] == "stem":
+      size *= 4 if op.get("max_pool") else 2
+    size *= int(op.get("stride", 1))
+  return size
 
 
 class DeployModel:
@@ -674,12 +689,7 @@ class DeployModel:
   @property
   def min_image_size(self) -> int:
     """The total stride: the stem (2, and 2 more with a max-pool) times the blocks'."""
-    size = 1
-    for op in self.program:
-      if op["op"] == "stem":
-        size *= 4 if op.get("max_pool") else 2
-      size *= int(op.get("stride", 1))
-    return size
+    return min_image_size(self.program)
 
   def __call__(self, x, path: str = "packed"):
     if path not in PATHS:

@@ -17,6 +17,9 @@ import sys
 import numpy as np
 
 from bcdnet_jax import errors
+from bcdnet_jax import log as log_lib
+
+log = log_lib.logger
 
 
 class PredictError(errors.UserError):
@@ -57,7 +60,7 @@ def load_image(path: str, pre: dict) -> np.ndarray:
     return transforms.eval_transform(raw, image_size=pre["image_size"],
                                      crop_ratio=pre["crop_ratio"], name=path)
   except transforms.ImageDecodeError as e:
-    why = str(e).removeprefix(f"cannot decode image {path}: ")
+    why = getattr(e, "reason", None) or str(e).removeprefix(f"cannot decode image {path}: ")
     raise PredictError(f"{path}: not a decodable image: {why}") from None
 
 
@@ -112,7 +115,38 @@ def predict(model, images: np.ndarray, *, path: str = "packed", k: int = 5):
   return top, np.take_along_axis(probs, top, axis=-1)
 
 
+def model_preprocessing(header: dict, model: str, image_size: int, crop_ratio: float) -> dict:
+  """The preprocessing to apply: the artefact's record with the flags' overrides. An
+  artefact that records none (exported from a model directory without the record) needs
+  --image_size: ImageNet's 224 px for a model trained on 32 px digits would give wrong
+  predictions without a word, so none is guessed; the ImageNet crop ratio and
+  normalisation it then uses are said in one line."""
+  from bcdnet_jax import preprocessing
+  from bcdnet_jax.nn import models
+  rec = header.get("preprocess")
+  if not rec and not image_size:
+    raise PredictError(f"{model} records no preprocessing (the image size and crop ratio "
+                       "the model expects): pass --image_size (224 for the ImageNet models; "
+                       f"--crop_ratio defaults to {preprocessing.CROP_RATIO:g})")
+  rec = rec or {"crop_ratio": preprocessing.CROP_RATIO}
+  # every check before the override is logged: a refused run prints one line
+  pre = {"image_size": image_size or rec["image_size"],
+         "crop_ratio": crop_ratio or rec["crop_ratio"]}
+  check_sizes(pre, image_size, crop_ratio, model)
+  models.check_image_size(models.ModelSpec.from_json(header["spec"]), pre["image_size"],
+                          "--image_size" if image_size
+                          else f"the image size recorded in {model}")
+  if header.get("preprocess"):
+    return preprocessing.resolve(header["preprocess"], image_size=image_size,
+                                 crop_ratio=crop_ratio, where=model)
+  pre = preprocessing.record(image_size, pre["crop_ratio"])
+  log.warning("%s records no preprocessing: using --image_size %d, crop ratio %g and "
+              "ImageNet's mean and standard deviation", model, image_size, pre["crop_ratio"])
+  return pre
+
+
 def main(argv=None) -> int:
+  log_lib.setup()
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True, help="deploy artefact (bcdnet_jax.deploy.export)")
   p.add_argument("--path", default="packed", choices=["packed", "int8", "float"])
@@ -128,7 +162,6 @@ def main(argv=None) -> int:
     p.error(f"--top must be 1 or more, got {a.top}")
   from bcdnet_jax import preprocessing
   from bcdnet_jax.deploy import packed
-  from bcdnet_jax.nn import models
   try:
     # the rules of training and evaluation, before the model is loaded or compiled
     preprocessing.check_preprocessing(a.image_size, a.crop_ratio,
@@ -137,13 +170,7 @@ def main(argv=None) -> int:
     if a.image_size > MAX_IMAGE_SIZE:
       raise PredictError(f"--image_size: at most {MAX_IMAGE_SIZE} px, got {a.image_size}")
     model = packed.load_packed(a.model)
-    recorded = model.header.get("preprocess") or preprocessing.DEFAULT
-    models.check_image_size(models.ModelSpec.from_json(model.header["spec"]),
-                            a.image_size or recorded["image_size"], "--image_size"
-                            if a.image_size else f"the image size recorded in {a.model}")
-    pre = preprocessing.resolve(model.header.get("preprocess"), image_size=a.image_size,
-                                crop_ratio=a.crop_ratio, where=a.model)
-    check_sizes(pre, a.image_size, a.crop_ratio, a.model)
+    pre = model_preprocessing(model.header, a.model, a.image_size, a.crop_ratio)
     warn_small_images(a.images, pre["image_size"])
     good, loaded, failed = [], [], []
     for path in a.images:  # a bad image does not cost the good ones their predictions

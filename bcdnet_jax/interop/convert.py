@@ -21,12 +21,13 @@ import numpy as np
 from flax import nnx
 
 from bcdnet_jax import errors, fileio
+from bcdnet_jax.interop.torch_file import (  # noqa: F401 - re-exported: convert's API
+  ConversionError,
+  check_zip_crc,
+  read_checkpoint_file,
+  read_torch_checkpoint,
+)
 from bcdnet_jax.nn import layers, models, precision
-
-
-class ConversionError(errors.UserError):
-  """A checkpoint that cannot be imported; the message names what is wrong."""
-
 
 # --- name tables ---------------------------------------------------------------------------
 # (regex on our dotted module path, torch module name); first full match wins.
@@ -202,89 +203,6 @@ def state_to_torch_names(model: nnx.Module, state: nnx.State) -> dict[str, np.nd
   return out
 
 
-# --- reading checkpoints -------------------------------------------------------------------
-
-def read_torch_checkpoint(path: str, *, key: str | None = None) -> dict[str, np.ndarray]:
-  """Loads a torch checkpoint safely (weights_only: no pickled code runs) as numpy.
-
-  Accepts the released `{'model': ...}` dict, `{'state_dict': ...}`, a bare state dict,
-  keys with or without `module.`; `key` picks another entry (e.g. 'ema').
-  """
-  if not os.path.exists(path):
-    raise ConversionError(f"{path}: no such file")
-  if os.path.isdir(path):
-    raise ConversionError(f"{path}: is a directory, expected a torch checkpoint file")
-  try:
-    import torch
-  except ImportError as e:
-    raise ConversionError("reading PyTorch checkpoints needs torch: "
-                          "pip install 'bcdnet-jax[torch]'") from e
-  import pickle
-  try:
-    with open(path, "rb") as f:
-      magic = f.read(4)
-  except OSError as e:
-    raise ConversionError(f"{path}: cannot read: {e}") from None
-  if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
-    # torch.save writes a zip archive (or, legacy, a pickle: protocol >= 2 starts with
-    # 0x80); anything else would reach the unpickler and read as a refused pickle
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (neither torch's zip "
-                          f"format nor a pickle; starts with {magic!r})")
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConversionError(
-        f"{path}: refused to load: the file holds pickled objects other than tensors "
-        f"(loading it could execute code; only weights_only loading is allowed): "
-        f"{first}") from None
-  except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or "
-                          f"another format): {type(e).__name__}: {e}") from None
-  return _extract_state_dict(obj, path, key)
-
-
-def _extract_state_dict(obj: Any, path: str, key: str | None) -> dict[str, np.ndarray]:
-  import torch
-  if not isinstance(obj, Mapping):
-    raise ConversionError(f"{path}: expected a dict of tensors, found "
-                          f"{type(obj).__name__}")
-  if key is not None:
-    if key not in obj:
-      raise ConversionError(f"{path}: no entry {key!r}; entries: {sorted(obj)}")
-    sd = obj[key]
-  elif "model" in obj and isinstance(obj["model"], Mapping):
-    sd = obj["model"]
-  elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-    sd = obj["state_dict"]
-  else:
-    sd = obj
-  if not isinstance(sd, Mapping) or not sd:
-    raise ConversionError(f"{path}: no state dict found (entries: {sorted(obj)})")
-  bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-  if bad:
-    raise ConversionError(f"{path}: not a state dict: entries that are not tensors: "
-                          f"{bad[:10]}")
-  keys = list(sd)
-  if all(k.startswith("module.") for k in keys):
-    keys = [k[len("module."):] for k in keys]
-  return {k: _to_numpy(v, k, path) for k, v in zip(keys, sd.values())}
-
-
-def _to_numpy(t, key: str, path: str) -> np.ndarray:
-  """A saved tensor as numpy, exactly: bfloat16 (which numpy lacks) widens to float32,
-  which holds every bfloat16 value; float16/32/64 and integers keep their type. Types
-  numpy cannot hold (float8, quantized, sparse) are a ConversionError naming the key."""
-  import torch
-  if t.dtype == torch.bfloat16:
-    t = t.float()
-  try:
-    return t.detach().cpu().numpy()
-  except (TypeError, RuntimeError) as e:
-    raise ConversionError(f"{path}: tensor {key!r} ({t.dtype}, layout {t.layout}) cannot be "
-                          f"read: {e}") from None
-
-
 def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
                     source: str = "state dict") -> dict:
   """Copies a torch-layout state dict into `model`, strictly; returns a report.
@@ -453,6 +371,9 @@ def check_or_raise(chk: dict, tolerance: float) -> None:
         f"is wrong; nothing written")
 
 
+MAX_CHECK_IMAGE_SIZE = 1024  # px: random images for a comparison; larger proves nothing more
+
+
 def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
                  num_classes: int = 1000, overrides: dict | None = None,
                  ckpt_key: str | None = None, check: bool = True,
@@ -464,14 +385,26 @@ def convert_file(torch_ckpt: str, arch: str, stage: int, out: str, *,
   when torch can run it) before anything is written; the self-check fails when the
   largest float64 logit difference exceeds `check_tolerance` times max(1, max |logit|).
   """
-  from bcdnet_jax import checkpoint
+  import math
+
+  from bcdnet_jax import checkpoint, summary
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ConversionError(f"{out}: already exists and is not an empty directory; "
                           "refusing to overwrite it")
   fileio.check_writable(out, ConversionError)
   spec = models.get_spec(arch, stage=stage, num_classes=num_classes, **(overrides or {}))
-  sd = read_torch_checkpoint(torch_ckpt, key=ckpt_key)
+  if check:  # the self-check's settings, before minutes of reading and checking
+    if not (isinstance(check_tolerance, (int, float)) and math.isfinite(check_tolerance)
+            and check_tolerance > 0):
+      raise ConversionError(f"--check_tolerance: must be a positive finite number (the "
+                            "largest float64 logit difference, relative to max(1, max "
+                            f"|logit|); default 1e-6), got {check_tolerance!r}")
+    summary.check_image_size(spec, check_image_size, "--check_image_size",
+                             maximum=MAX_CHECK_IMAGE_SIZE, error=ConversionError)
+  sd, integrity = read_checkpoint_file(torch_ckpt, ckpt_key)
   model, report = from_torch_state_dict(sd, spec, source=torch_ckpt)
+  report["integrity"] = integrity
+  checkpoint.check_space(os.path.abspath(out), nnx.to_pure_dict(nnx.state(model)))
   report.update(source=os.path.abspath(torch_ckpt), arch=arch, stage=stage,
                 num_classes=num_classes)
   if check:
@@ -511,6 +444,10 @@ def parse_overrides(texts, arch: str, *, stage: int = 2,
   The overrides are applied in the order given (a repeated key: the last wins), and an
   invalid spec is blamed on the first key whose addition makes it invalid.
   """
+  try:  # the spec without overrides: a bad --num_classes is not the overrides' fault
+    models.get_spec(arch, stage=stage, num_classes=num_classes)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f"--num_classes {num_classes}: {e}") from None
   pairs = [(_parse_override(t), t) for t in texts]
   known = {f.name for f in dataclasses.fields(models.ModelSpec)} - {"stage", "num_classes"}
   known.add("mlp_width")
@@ -570,6 +507,9 @@ def main(argv=None) -> int:
     return 0
   print(f"converted {report['source']}")
   print(f"  arch {args.arch}, stage {args.stage}, {args.num_classes} classes")
+  print(f"  stage {args.stage} as --stage says (a torch checkpoint does not record its "
+        "stage, and the self-check cannot tell stage 1 from stage 2)")
+  print(f"  file integrity: {report['integrity']}")
   print(f"  tensors mapped: {report['tensors_mapped']} "
         f"({report['values_mapped']:,} values, {report['bytes_mapped'] / 1e6:.2f} MB)")
   chk = report.get("self_check", {"status": "skipped", "reason": "--no_check"})

@@ -97,6 +97,9 @@ FIELDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "check_images": (lambda v, c: isinstance(v, bool), "True or False"),
     "data_workers": (lambda v, c: _int(v) and v >= 0,
                      "an integer >= 0 (input threads per process; 0: all cores but one)"),
+    "max_image_pixels": (lambda v, c: _int(v) and v >= 0,
+                         "an integer >= 0 (images over it are refused; 0: PIL's limit, "
+                         "178,956,970)"),
     "batch_size": (lambda v, c: _int(v) and v > 0, "a positive integer (the global batch)"),
     "eval_batch_size": (lambda v, c: _int(v) and v > 0, "a positive integer"),
     "base_batch_size": (lambda v, c: _int(v) and v > 0,
@@ -191,9 +194,29 @@ def check_fields(config, source: str = "the config") -> None:
         raise ConfigError(f"config.pipeline.{stage}.{key}: unknown field")
 
 
+def _check_strides(config) -> None:
+  """A basic-block model has one stride per block after the stem: len(channels) - 1. A
+  config that sets both (configs/digits.py) and a command line that changes one of them
+  would otherwise fail inside the model spec without naming the relation."""
+  ov = config.model.overrides
+  preset = _models().PRESETS.get(config.model.name, {})
+  if "channels" not in ov or "strides" not in ov or preset.get("family") != "mobilenet":
+    return
+  channels, strides = tuple(ov.channels), tuple(ov.strides)
+  if len(strides) != len(channels) - 1:
+    blocks = len(channels) - 1
+    example = "(" + ",".join(["2"] * blocks) + ("," if blocks == 1 else "") + ")"
+    raise ConfigError(
+        f"config.model.overrides: channels={channels} make {blocks} block(s) after the "
+        f"stem, but strides={strides} has {len(strides)} value(s); strides needs one value "
+        f"(1 or 2) per block, len(channels) - 1: set both, e.g. "
+        f"'--config.model.overrides.strides={example}'")
+
+
 def validate(config, num_devices: int = 1) -> None:
   """The table, then the rules between fields of a run of `config.mode`."""
   check_fields(config)
+  _check_strides(config)
   if config.mode == "train" and config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by the "
                       f"{num_devices} devices")
@@ -257,6 +280,10 @@ def check_workdir(workdir: str, name: str = "--workdir") -> None:
   path = os.path.abspath(workdir)
   probe = path
   while not os.path.isdir(probe):
+    if os.path.islink(probe) and not os.path.exists(probe):
+      raise ConfigError(f"{name}={workdir}: {probe} is a dangling symlink to "
+                        f"{os.readlink(probe)} (which does not exist); create that directory "
+                        "or remove the link; nothing done")
     if os.path.lexists(probe):
       raise ConfigError(f"{name}={workdir}: {probe} is a file, not a directory; nothing done")
     probe = os.path.dirname(probe)

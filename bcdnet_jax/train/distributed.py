@@ -14,7 +14,12 @@ What the user sees, and why it is not JAX's default:
 - a process lost mid-run (killed, out of memory, node failure): the others end with one
   line naming it and saying that the same command resumes from the last checkpoint, exit
   code `EXIT_PEER_LOST` (`watch_peers`; JAX's coordination service would abort them in C++
-  after its heartbeat timeout, with no Python running).
+  after its heartbeat time-out, with no Python running). Not for process 0: it hosts JAX's
+  coordination service, and when it dies the others' C++ error polling aborts them at once
+  (JAX's own `Terminating process because the JAX distributed service detected fatal
+  errors ... Failed to send RPC to coordination service`, exit code 134); there is no hook
+  for Python before that abort (jaxlib's `missed_heartbeat_callback` cannot take a Python
+  function: it fails with std::bad_cast).
 """
 
 from __future__ import annotations
@@ -114,16 +119,18 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
   given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
            "--process_id": process_id}
   if coordinator_address is not None or (num_processes or 1) > 1 or process_id:
+    if num_processes is not None and num_processes < 1:
+      raise DistributedError(f"--num_processes={num_processes}: must be >= 1")
+    if process_id is not None and process_id < 0:
+      raise DistributedError(f"--process_id={process_id}: must be >= 0")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+      raise DistributedError(f"--process_id={process_id}: must be in [0, {num_processes}) "
+                             f"for --num_processes={num_processes}")
     missing = [k for k, v in given.items() if v is None]
     if missing:
       have = " ".join(f"{k}={v}" for k, v in given.items() if v is not None)
       raise DistributedError(f"{have}: also give {' and '.join(missing)} (every process "
                              "the same address and count, its own id; under srun give none)")
-    if num_processes < 1:
-      raise DistributedError(f"--num_processes={num_processes}: must be >= 1")
-    if not 0 <= process_id < num_processes:
-      raise DistributedError(f"--process_id={process_id}: must be in [0, {num_processes}) "
-                             f"for --num_processes={num_processes}")
     host, _, port = coordinator_address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
       raise DistributedError(f"--coordinator_address={coordinator_address}: must be "
@@ -178,8 +185,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   Checks the flags and SLURM variables first (`resolve`). A start-up in which not all
   processes register within `initialization_timeout_s` ends this process with one line
-  (exit code 2); a process lost later ends the others within `heartbeat_timeout_s` / 2
-  (`watch_peers`), with `resume_hint` on the same line.
+  (exit code 2); a process lost later ends the others after `heartbeat_timeout_s` / 4
+  (`watch_peers`), with `resume_hint` on the same line, exit code `EXIT_PEER_LOST`.
   """
   for name, value in (("--initialization_timeout_s", initialization_timeout_s),
                       ("--heartbeat_timeout_s", heartbeat_timeout_s)):
@@ -229,10 +236,12 @@ _DONE = "done"
 
 class _PeerWatch(threading.Thread):
   """Every process counts up its own key in JAX's key-value store and reads the others'
-  every `beat_s`; a peer whose count stands still for `lost_after_s` (half of JAX's
-  heartbeat time-out, so this comes first), or a coordinator that stops answering for as
-  long, ends this process with one line. Python threads run while the main thread waits in
-  a collective (XLA releases the GIL), which is where the survivors of a lost process are."""
+  every `beat_s`; a peer whose count stands still for `lost_after_s`, or a coordinator that
+  stops answering for as long, ends this process with one line. `lost_after_s` is a quarter
+  of JAX's heartbeat time-out: JAX's service declares a process dead after about half of it
+  (measured: 5.5 s for 10 s), then aborts every other process in C++. Python threads run
+  while the main thread waits in a collective (XLA releases the GIL), which is where the
+  survivors of a lost process are."""
 
   def __init__(self, client, setup: Setup, lost_after_s: float, resume_hint: str):
     super().__init__(name="bcdnet-peer-watch", daemon=True)
@@ -302,7 +311,7 @@ def watch_peers(setup: Setup, heartbeat_timeout_s: int, resume_hint: str) -> Non
   client = getattr(jax_distributed.global_state, "client", None)
   if client is None or _watch is not None:
     return
-  _watch = _PeerWatch(client, setup, heartbeat_timeout_s / 2, resume_hint)
+  _watch = _PeerWatch(client, setup, heartbeat_timeout_s / 4, resume_hint)
   _watch.start()
   # registered after JAX's own exit handler, so it runs before JAX shuts the client down
   atexit.register(_watch.stop)

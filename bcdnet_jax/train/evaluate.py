@@ -15,6 +15,7 @@ from bcdnet_jax import checkpoint, data, fileio, preprocessing, runtime
 from bcdnet_jax.log import logger as log
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train import plan as plan_lib
 from bcdnet_jax.train import step as step_lib
 from bcdnet_jax.train import workdir as workdir_lib
@@ -85,9 +86,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"--workdir={workdir} holds a training run or a model ({held[0]}); "
                       "evaluation writes config.json and results.json there: use another "
                       "--workdir (e.g. a new directory)")
+  owner.check_owner(workdir, "eval")
   with plan_lib.naming("config.checkpoint"):
     model = models.set_dtype_policy(checkpoint.restore_model(config.checkpoint, rt),
                                    config.model.dtype_policy)
+  if jax.process_index() == 0:  # which stage it holds, one line (a torch file records none)
+    log.info("evaluating %s", checkpoint.describe(config.checkpoint))
   pre = preprocessing.resolve(checkpoint.read_preprocessing(config.checkpoint),
                               image_size=config.image_size,
                               crop_ratio=config.eval_crop_ratio, where=config.checkpoint)
@@ -95,11 +99,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               "config.image_size" if config.image_size else
                               f"the image size recorded in {config.checkpoint}")
   entries = eval_entries(config)
+  data.set_max_image_pixels(config.get("max_image_pixels", 0))  # the folder scans below
   sources = [data.open_source(name, split, config.data_dir or None) for name, split in entries]
   for (name, _), source in zip(entries, sources):  # all checked before any work
     if model.spec.num_classes != source.num_classes:
       raise ConfigError(f"config.checkpoint: the model has {model.spec.num_classes} "
                         f"classes, dataset {name!r} has {source.num_classes}")
+    data.check_labels(source)  # an unlabelled split (-1) would be scored against class -1
   _, eval_def, params, batch_stats = step_lib.split_model(model)
   state = rt.replicate({"params": params, "batch_stats": batch_stats})
   p_eval = rt.jit_eval_step(eval_def, pre["mean_rgb"], pre["stddev_rgb"])
@@ -120,12 +126,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 datasets={k: {f: v[f] for f in ("top1", "top5", "num_eval_examples",
                                                  "num_images")}
                           for k, v in per_set.items()})
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
-    fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
-                {k: v for k, v in result.items() if k != "predictions"})
+  _write(config, workdir, result)
   return result
+
+
+def _write(config, workdir: str, result: dict) -> None:
+  """config.json and results.json: an evaluation writes only here, at the end, locked (and
+  its workdir checked again: another run may have begun there meanwhile)."""
+  with owner.lock(workdir):
+    owner.check_owner(workdir, "eval")
+    if jax.process_index() == 0:
+      owner.claim(workdir, "eval")
+      fileio.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config.to_dict())
+      fileio.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
+                        {k: v for k, v in result.items() if k != "predictions"})
 
 
 def evaluate_sets(config, model_dir: str, workdir: str) -> dict:

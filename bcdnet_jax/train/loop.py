@@ -22,7 +22,7 @@ from bcdnet_jax import data, fileio, runtime
 from bcdnet_jax.log import logger as log
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
-from bcdnet_jax.train import diagnostics, metric_writer
+from bcdnet_jax.train import diagnostics, metric_writer, owner
 from bcdnet_jax.train import evaluate as evaluate_lib
 from bcdnet_jax.train import plan as plan_lib
 from bcdnet_jax.train import preemption as preemption_lib
@@ -54,18 +54,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains one model (resuming from the newest intact checkpoint in `workdir`), evaluates
   it, writes and returns the results; `bcdnet_jax.train.run` dispatches pipelines and
   evaluations. `return_params` adds the final parameters (host arrays) as "params"."""
+  if config.get("pipeline"):
+    raise ValueError("a config with stages (config.pipeline): run it with "
+                     "bcdnet_jax.train.run, which runs each stage")
   start_time = time.time()
   rt = runtime.Runtime.create()
   plan = plan_lib.plan_run(config, workdir, rt)
-  workdir_lib.write_run_records(config, workdir, plan.spec)
+  with owner.lock(workdir) as lock:
+    owner.check_owner(workdir, "train")  # again, locked: a run may have begun meanwhile
+    return _train(config, workdir, rt, plan, lock, start_time, step_hook, return_params)
+
+
+def _train(config, workdir, rt, plan, lock, start_time, step_hook, return_params) -> dict:
+  """`train_and_evaluate` once checked and locked: restore, then (only then) write."""
   state, tx, schedule, train_def, eval_def = create_train_state(config, plan)
   manager = workdir_lib.open_checkpoints(config, workdir)
-  state, start_step = workdir_lib.restore_or_start(manager, state, rt, workdir)
-  if start_step >= plan.total_steps and not return_params:
-    done = workdir_lib.finished_results(config, workdir, start_step)
-    if done is not None:  # a rerun of a finished run: nothing to train or rewrite
-      manager.close()
-      return done
+  try:
+    state, start_step, resumed = workdir_lib.restore_or_start(manager, state, rt, workdir,
+                                                              config)
+    if start_step >= plan.total_steps and not return_params:
+      done = workdir_lib.finished_results(config, workdir, start_step)
+      if done is not None:  # a rerun of a finished run: nothing to train or rewrite
+        manager.close()
+        return done
+    workdir_lib.check_space(workdir, state)
+    workdir_lib.write_run_records(config, workdir, plan.spec)
+  except BaseException:
+    manager.close()
+    raise
   teacher_def, teacher_state = _teacher(plan, rt)
   p_train, monitor = make_p_train(config, rt, plan, train_def, tx, teacher_def, state,
                                   start_step)
@@ -80,25 +96,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir, start_step=start_step,
                                       active=jax.process_index() == 0,
                                       jsonl=("metrics", "diagnostics"))
+  finished = False
   try:
     state, step, stopped = train_loop(
         config, rt, plan, state, start_step, p_train, teacher_state, train_iter, manager,
-        writer, schedule, evaluate_now, step_hook, monitor)
+        writer, schedule, evaluate_now, step_hook, monitor, resumed=resumed, lock=lock)
     wait = train_iter.wait_fraction()
     if wait is not None and jax.process_index() == 0:
       log.info("the training steps waited for input %.1f%% of the time after the first",
                100 * wait)
     if stopped:
+      finished = True
       return {"preempted": True, "steps": step}
     eval_result = evaluate_now(state)
     writer.scalars(step, {"eval_top1": eval_result["top1"], "eval_top5": eval_result["top5"]})
+    finished = True
   finally:
-    writer.close()
-    manager.close()
+    close_all((writer.close, manager.close), quiet=not finished)
   results = _write_results(config, workdir, eval_result, step, time.time() - start_time, wait)
   if return_params:
     results["params"] = jax.device_get(state["params"])
   return results
+
+
+def close_all(closers, quiet: bool) -> None:
+  """Calls each closer; with an error already on its way (`quiet`), a closer's OSError (a
+  full disk flushing the event files) is dropped so that the first error is the one shown."""
+  for close in closers:
+    try:
+      close()
+    except OSError:
+      if not quiet:
+        raise
 
 
 def _teacher(plan: plan_lib.Plan, rt: runtime.Runtime):
@@ -154,7 +183,8 @@ def make_p_train(config, rt, plan, train_def, tx, teacher_def, state, start_step
 
 
 def train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter, manager,
-                writer, schedule, evaluate_now, step_hook, monitor=None):
+                writer, schedule, evaluate_now, step_hook, monitor=None, *, resumed=None,
+                lock=None):
   """Steps until `plan.total_steps` or an agreed stop request: logs (with the ETA after
   compilation), writes the binarisation diagnostics (`monitor`), evaluates and
   checkpoints on their cadences. Returns (state, step, stopped early)."""
@@ -177,7 +207,7 @@ def train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter
       is_last = step == total
       if due(step, config.log_every_steps) or (is_last and config.log_every_steps):
         last_time, last_step = log_progress(config, writer, metrics, schedule, step, total,
-                                             last_time, last_step, manager)
+                                             last_time, last_step, manager, resumed)
       if monitor is not None and monitor.due(step):
         monitor.write(step, writer)
       if due(step, config.eval_every_steps) and not is_last:
@@ -185,9 +215,11 @@ def train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter
         writer.scalars(step, {"eval_top1": r["top1"], "eval_top5": r["top5"]})
       stop = preempt.agreed()  # every process stops at the same step, or none does
       if due(step, config.checkpoint_every_steps) or is_last or stop:
+        if lock is not None:
+          lock.check()  # taken over by another run (this one thought dead): write no more
         preempt.saving = True
         try:
-          workdir_lib.save_checkpoint(manager, state, step, plan.spec)
+          workdir_lib.save_checkpoint(manager, state, step, plan.spec, resumed)
         finally:
           preempt.saving = False
         if preempt.requested and jax.process_count() == 1:
@@ -200,13 +232,12 @@ def train_loop(config, rt, plan, state, step, p_train, teacher_state, train_iter
 
 
 def log_progress(config, writer, metrics, schedule, step, total, last_time, last_step,
-                  manager):
+                  manager, resumed=None):
   """One progress line and its scalars; a non-finite loss stops the run."""
   m = jax.device_get(metrics)
   if not all(np.isfinite(v) for v in m.values()):
     shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(m.items()))
-    raise workdir_lib.TrainingDiverged(f"non-finite loss at step {step} ({shown}); "
-                                       f"{workdir_lib.kept(manager)}")
+    raise workdir_lib.diverged(manager, f"non-finite loss at step {step} ({shown})", resumed)
   now = time.time()
   rate = (step - last_step) / max(now - last_time, 1e-9)
   eta = (total - step) / rate if rate > 0 else float("nan")

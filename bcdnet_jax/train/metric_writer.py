@@ -47,7 +47,13 @@ class MetricWriter:
     self.active = active
     if not active:
       return
+    import logging
+
     from tensorboardX import SummaryWriter
+
+    # tensorboardX warns once per tensor holding a NaN (dozens of lines when a run
+    # diverges); the run's own check stops it with one line naming the step
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
     self._files = {}
     for name in jsonl:

@@ -14,7 +14,7 @@ from bcdnet_jax.log import logger as log
 from bcdnet_jax.train import config as config_lib
 from bcdnet_jax.train import evaluate as evaluate_lib
 from bcdnet_jax.train import loop as loop_lib
-from bcdnet_jax.train import report
+from bcdnet_jax.train import owner, report
 from bcdnet_jax.train import workdir as workdir_lib
 
 
@@ -47,6 +47,7 @@ def run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
   finished stages keep their results, an interrupted stage resumes from its newest
   checkpoint."""
   config_lib.check_workdir(workdir)
+  owner.check_owner(workdir, "pipeline", stages=list(config.pipeline.keys()))
   stages, previous = [], None
   for name, overrides in config.pipeline.items():
     stage_cfg = stage_config(config, name, overrides, cli_overrides)
@@ -57,6 +58,13 @@ def run_pipeline(config, workdir, step_hook, cli_overrides=frozenset()):
     config_lib.validate(stage_cfg, jax.device_count())
     previous = os.path.join(workdir, name)
     stages.append((name, stage_cfg, previous))
+  with owner.lock(workdir):
+    if jax.process_index() == 0:
+      owner.claim(workdir, "pipeline")
+    return _run_stages(config, workdir, stages, step_hook)
+
+
+def _run_stages(config, workdir, stages, step_hook) -> dict:
   results = {}
   for name, stage_cfg, sub in stages:
     log.info("pipeline stage %s -> %s", name, sub)

@@ -13,6 +13,7 @@ from flax import nnx
 from bcdnet_jax import checkpoint, data, runtime
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train import workdir as workdir_lib
 from bcdnet_jax.train.config import ConfigError
 
@@ -36,7 +37,8 @@ def data_config(config):
   return data.DataConfig(
       image_size=config.image_size, eval_crop_ratio=config.eval_crop_ratio,
       color_jitter=tuple(config.color_jitter), crop_scale=tuple(config.crop_scale),
-      random_flip=config.random_flip, seed=config.seed, workers=config.data_workers)
+      random_flip=config.random_flip, seed=config.seed, workers=config.data_workers,
+      max_image_pixels=config.get("max_image_pixels", 0))
 
 
 def resolve_num_classes(config, source) -> int:
@@ -83,9 +85,13 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> Plan:
   """Validates the config, data, model, workdir, init_from and teacher; writes nothing."""
   config_lib.validate(config, rt.size)
   config_lib.check_workdir(workdir)
+  owner.check_owner(workdir, "train")
   data_dir = config.data_dir or None
+  data.set_max_image_pixels(config.get("max_image_pixels", 0))  # the scans and checks below
   train_source = data.open_source(config.dataset, config.train_split, data_dir)
   eval_source = data.open_source(config.dataset, config.eval_split, data_dir)
+  for source in (train_source, eval_source):  # an unlabelled split (-1) trains silently
+    data.check_labels(source)
   if train_source.multi_label:
     raise ConfigError(f"config.dataset: {config.dataset!r} has label sets (ReaL), not one "
                       "class per image; train on imagenet2012 and evaluate on it")

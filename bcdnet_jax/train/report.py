@@ -150,8 +150,32 @@ def find_stages(workdir: str) -> list[Stage]:
     stages.append(Stage(name, path, offset, total, metrics, diags, results))
     offset += total
   if not any(s.metrics for s in stages):
-    raise ReportError(f"{workdir}: no metrics yet (no step logged in metrics.jsonl)")
+    raise ReportError(_not_a_training_run(workdir, config) or
+                      f"{workdir}: no metrics yet (no step logged in metrics.jsonl)")
   return stages
+
+
+_NEEDS = ("report draws a training run: pass the workdir main.py trained (it holds "
+          "metrics.jsonl)")
+
+
+def _not_a_training_run(workdir: str, config) -> str | None:
+  """What `workdir` is when it is a directory other tools write, not a training run:
+  an evaluation workdir (config.json of mode 'eval', results.json) or a model directory
+  (model.json and state/, e.g. the converter's output); None for anything else."""
+  if isinstance(config, dict) and config.get("mode") == "eval":
+    of = f" of {config['checkpoint']}" if config.get("checkpoint") else ""
+    return (f"{workdir} is an evaluation workdir (results.json of evaluating a model{of}), "
+            f"not a training run: {_NEEDS}")
+  if os.path.isdir(os.path.join(workdir, "state")) and \
+      os.path.exists(os.path.join(workdir, "model.json")) and config is None:
+    meta = _read_json(os.path.join(workdir, "model.json"))
+    conv = meta.get("converted_from") if isinstance(meta, dict) else None
+    src = (f" converted from {conv['source']}" if isinstance(conv, dict) and conv.get("source")
+           else "")
+    return (f"{workdir} is a model directory{src} (model.json and state/: weights, no "
+            f"training log): {_NEEDS}")
+  return None
 
 
 def _plt():

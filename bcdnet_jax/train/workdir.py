@@ -2,6 +2,8 @@
 results, the Orbax checkpoints and their sha256 records, damaged steps set aside, a full
 disk and a non-finite stop.
 
+    WORKDIR/.bcdnet_run.json       whose it is: kind and run id (train.owner), written first
+    WORKDIR/.bcdnet_lock           the lock of the run writing there now (train.owner)
     WORKDIR/config.json            the resolved config (+ deviations from the recipe)
     WORKDIR/model.json             architecture + evaluation preprocessing (checkpoint.SPEC_FILE)
     WORKDIR/checkpoints/<step>/    Orbax items checkpoint.TRAIN_ITEMS: state, model, meta
@@ -13,7 +15,6 @@ disk and a non-finite stop.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from bcdnet_jax import checkpoint, errors, fileio, preprocessing, runtime
 from bcdnet_jax.log import logger as log
 from bcdnet_jax.nn import models
 from bcdnet_jax.train import config as config_lib
+from bcdnet_jax.train import owner
 from bcdnet_jax.train.config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -41,26 +43,50 @@ class TrainingDiverged(errors.UserError, RuntimeError):
 
 def check_model(workdir: str, spec: models.ModelSpec) -> None:
   """Refuses to resume a workdir that holds a run of another model, before anything in it
-  is written (its model.json and config.json stay as they are)."""
-  if not os.path.exists(os.path.join(workdir, checkpoint.SPEC_FILE)):
+  is written (its model.json and config.json stay as they are). An unreadable model.json
+  is judged by the model its newest checkpoint records (and rewritten only after that
+  checkpoint restored)."""
+  where = os.path.join(workdir, checkpoint.SPEC_FILE)
+  if not os.path.exists(where):
     return
   try:
     old = checkpoint.read_spec(workdir)
-  except checkpoint.CheckpointError:
-    return  # not ours to judge: an unreadable record is reported where it is read
+  except checkpoint.CheckpointError as e:
+    old, where = checkpointed_spec(workdir)
+    if old is None:
+      return  # no checkpoint either: nothing to resume, nothing to judge by
+    log.warning("%s; the model is judged by %s", e, where)
   differ = [f.name for f in dataclasses.fields(spec) if f.name not in models.ARITHMETIC_FIELDS
             and getattr(old, f.name) != getattr(spec, f.name)]
   if differ:
     shown = ", ".join(f"{k}: {getattr(old, k)!r} there, {getattr(spec, k)!r} requested"
                       for k in differ[:4])
-    raise ConfigError(f"workdir {workdir} holds a run of another model ({shown}); use a new "
-                      "--workdir, or the same model to resume")
+    raise ConfigError(f"workdir {workdir} holds a run of another model ({shown}; recorded "
+                      f"in {where}); use a new --workdir, or the same model to resume")
+
+
+def checkpointed_spec(workdir: str):
+  """(ModelSpec, path) recorded in the newest checkpoint's meta item, or (None, None)."""
+  root = os.path.join(workdir, checkpoint.TRAIN_CHECKPOINTS)
+  steps = sorted((int(s) for s in (os.listdir(root) if os.path.isdir(root) else [])
+                  if s.isdigit()), reverse=True)
+  for step in steps:
+    path = os.path.join(root, str(step), "meta", "metadata")
+    try:
+      with open(path) as f:
+        return models.ModelSpec.from_json(json.load(f)["spec"]), path
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+  return None, None
 
 
 def write_run_records(config, workdir: str, spec: models.ModelSpec) -> None:
-  """config.json (resolved) and model.json (architecture + evaluation preprocessing)."""
+  """The workdir's owner record (first), config.json (resolved) and model.json
+  (architecture + evaluation preprocessing). Called once the run has proven it can
+  continue (checked, locked, its checkpoint restored): nothing is written before."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
+    owner.claim(workdir, "train")
     deviations = config_lib.deviations(config)
     for d in deviations:
       log.warning("deviation from the released recipe: %s", d)
@@ -106,25 +132,121 @@ def open_checkpoints(config, workdir: str) -> ocp.CheckpointManager:
       item_names=checkpoint.TRAIN_ITEMS)
 
 
-def restore_or_start(manager, state, rt: runtime.Runtime, workdir: str):
-  """(state, first step): the newest intact checkpoint's, or the fresh state at 0."""
+@dataclasses.dataclass
+class Resumed:
+  """The checkpoint a run resumed from: its step, and whether its sha256 record matched
+  (False: it had none, and only its shapes and finiteness were checked)."""
+  step: int
+  verified: bool
+
+
+def restore_or_start(manager, state, rt: runtime.Runtime, workdir: str, config=None):
+  """(state, first step, Resumed or None): the newest intact checkpoint's, or the fresh
+  state at 0. A checkpoint that does not restore, or whose state holds a NaN or infinity,
+  is skipped as damaged; one without its sha256 record is said so (`restore_intact`)."""
   abstract = rt.abstract_replicated(state)
-  found = checkpoint.restore_intact(manager, lambda step: manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                    meta=ocp.args.JsonRestore())), log)
+
+  def restore(step):
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    checkpoint.check_finite(jax.tree.map(local_copy, out["state"]),
+                            os.path.join(str(manager.directory), str(step), "state"))
+    return out
+
+  found = checkpoint.restore_intact(manager, restore, log)
   if found is None:
-    return rt.replicate(state), 0
+    check_not_lost(workdir, config)
+    return rt.replicate(state), 0, None
   step, restored = found
   log.info("resumed from %s at step %d", manager.directory, int(restored["meta"]["step"]))
   set_aside_damaged(manager, step, workdir)
-  return rt.replicate(restored["state"]), int(restored["meta"]["step"])
+  resumed = Resumed(int(restored["meta"]["step"]),
+                    checkpoint.step_recorded(str(manager.directory), step))
+  return rt.replicate(restored["state"]), resumed.step, resumed
 
 
-def save_checkpoint(manager, state, step: int, spec: models.ModelSpec) -> None:
+def local_copy(x):
+  """A host copy of one replica of `x` (a replicated array may span other processes)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def check_not_lost(workdir: str, config) -> None:
+  """Refuses to start at step 0 in a workdir whose records say its run had checkpoints
+  (they were deleted or moved): starting again would replace its metrics history."""
+  digests = os.path.join(workdir, checkpoint.STEP_DIGESTS)
+  recorded = sorted(int(n[:-5]) for n in (os.listdir(digests) if os.path.isdir(digests)
+                                          else []) if n.endswith(".json") and n[:-5].isdigit())
+  aside = os.path.join(workdir, DAMAGED_DIR)
+  reached = metrics_reach(os.path.join(workdir, "metrics.jsonl"))
+  every = int(getattr(config, "checkpoint_every_steps", 0) or 0)
+  if recorded:  # records of checkpoints that are gone (set-aside ones take theirs along)
+    said = f"{checkpoint.STEP_DIGESTS}/ records checkpoint {recorded[-1]}"
+  elif os.path.isdir(aside) and os.listdir(aside):
+    log.warning("%s: no checkpoint left in %s (the damaged ones are in %s): starting again "
+                "at step 0", workdir, checkpoint.TRAIN_CHECKPOINTS, aside)
+    return
+  elif every and reached >= every:
+    said = (f"metrics.jsonl reaches step {reached} (past checkpoint_every_steps={every}: "
+            "a checkpoint had been saved)")
+  else:
+    return  # stopped before its first checkpoint: starting again is resuming
+  raise checkpoint.CheckpointError(
+      f"{workdir}: {said}, but {checkpoint.TRAIN_CHECKPOINTS}/ holds no checkpoint (deleted "
+      "or moved?); starting again at step 0 would replace that run's metrics: put the "
+      "checkpoints back, use a new --workdir, or remove metrics.jsonl, results.json and "
+      f"{checkpoint.STEP_DIGESTS}/ there to start again at step 0; nothing done")
+
+
+def metrics_reach(path: str) -> int:
+  """The highest step in a metrics.jsonl (0 when there is none)."""
+  reach = 0
+  try:
+    with open(path) as f:
+      for line in f:
+        try:
+          reach = max(reach, int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+          continue
+  except OSError:
+    return 0
+  return reach
+
+
+def check_space(workdir: str, state) -> None:
+  """Refuses to start when the workdir's file system cannot hold one checkpoint (the
+  tensors of the state and of the model item, plus Orbax's metadata): a full disk is one
+  line before any work, not a failed save minutes later."""
+  def size(tree):
+    leaves = jax.tree.leaves(tree)
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves), \
+        len(leaves)
+  # the "state" item and the "model" item (params + BN statistics), stored uncompressed,
+  # plus Orbax's metadata (about 1 KiB per tensor; half of it counted: a lower bound)
+  (state_bytes, n_state), (model_bytes, n_model) = size(state), size(
+      (state["params"], state["batch_stats"]))
+  need = state_bytes + model_bytes + 512 * (n_state + n_model)
+  st = os.statvfs(workdir)
+  free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+  if free < need:
+    raise SaveError(f"{workdir}: its file system has {fmt_bytes(free)} free; one "
+                    f"checkpoint of this run needs at least {fmt_bytes(need)}: free space "
+                    "(or use another --workdir) and run the same command; nothing done")
+
+
+def fmt_bytes(n: int) -> str:
+  for unit in ("bytes", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def save_checkpoint(manager, state, step: int, spec: models.ModelSpec,
+                    resumed: Resumed | None = None) -> None:
   """The training state, the "model" item (what restore_model reads: weights and BN
   statistics in a model directory's layout, on any topology) and the step; then the
   checksum record."""
-  check_finite(state, step, manager)
+  check_finite(state, step, manager, resumed)
   model_item = checkpoint.merge_pure(nnx.to_pure_dict(state["params"]),
                                      nnx.to_pure_dict(state["batch_stats"]))
   held = HoldErrors()  # orbax logs each failed writer thread with its traceback
@@ -156,50 +278,38 @@ class SaveError(errors.UserError):
   """A checkpoint could not be written for lack of space; earlier ones are intact."""
 
 
-class HoldErrors:
-  """A logging filter that holds back ERROR records (orbax's writer threads report each
-  failure with a traceback) until `release` re-emits them; a disk-full save drops them and
-  says it in one line instead."""
-
-  def __init__(self):
-    self.records = []
-
-  def filter(self, record) -> bool:
-    if record.levelno >= logging.ERROR:
-      self.records.append(record)
-      return False
-    return True
-
-  def release(self, logger) -> None:
-    records, self.records = self.records, []
-    logger.removeFilter(self)
-    for record in records:
-      logger.handle(record)
+# one mechanism for every writer of the project (checkpoint.save_model uses it too)
+HoldErrors, DISK_FULL, disk_full = fileio.HoldErrors, fileio.DISK_FULL, fileio.disk_full
 
 
-DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
-
-
-def disk_full(e: BaseException) -> str | None:
-  """'No space left on device' (or the quota's) when `e` or its causes say so, else None:
-  an OSError, or tensorstore's RESOURCE_EXHAUSTED text that orbax raises as ValueError."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in DISK_FULL:
-      return DISK_FULL[e.errno]
-    for code, text in DISK_FULL.items():
-      if text in str(e) or f"os_error_code='{code}'" in str(e):
-        return text
-    e = e.__cause__ or e.__context__
-  return None
-
-
-def check_finite(state, step, manager):
-  leaves = jax.tree.leaves(jax.device_get(state["params"]))
+def check_finite(state, step, manager, resumed: Resumed | None = None):
+  leaves = jax.tree.leaves(jax.tree.map(local_copy, state["params"]))
   if not all(np.isfinite(x).all() for x in leaves):
-    raise TrainingDiverged(f"non-finite parameters at step {step}; not saved; "
-                           f"{kept(manager)}")
+    raise diverged(manager, f"non-finite parameters at step {step}; not saved", resumed)
+
+
+def diverged(manager, what: str, resumed: Resumed | None) -> TrainingDiverged:
+  """The error of a run whose loss or parameters became non-finite (`what`). The
+  checkpoint it resumed from is never called "the last good" when nothing was saved since:
+  an unverified one (no sha256 record) is suspect and set aside, so that the rerun resumes
+  from an older one; a verified one is the state as written, and the run diverges from it."""
+  if resumed is None or manager.latest_step() != resumed.step:
+    return TrainingDiverged(f"{what}; {kept(manager)}")
+  since = f"after resuming from checkpoint {resumed.step}"
+  if resumed.verified:
+    return TrainingDiverged(
+        f"{what}, {since} (intact: its sha256 record matches; kept in {manager.directory}): "
+        "the run diverges from it and a rerun repeats this; lower config.learning_rate, or "
+        f"move checkpoints/{resumed.step} aside to resume from an older step")
+  workdir = os.path.dirname(os.path.abspath(str(manager.directory)))
+  moved = set_aside(manager, [resumed.step], workdir)
+  older = manager.latest_step()
+  nxt = (f"run the same command to resume from checkpoint {older}" if older is not None
+         else "run the same command to start again at step 0")
+  return TrainingDiverged(
+      f"{what}, {since}, which had no sha256 record ({checkpoint.STEP_DIGESTS}/"
+      f"{resumed.step}.json), so its bytes were unverified: it is suspect and was moved to "
+      f"{moved[0] if moved else DAMAGED_DIR}; {nxt}")
 
 
 def kept(manager) -> str:
@@ -214,16 +324,27 @@ def set_aside_damaged(manager, good_step: int, workdir: str) -> None:
   """Moves checkpoints newer than the one resumed from (damaged ones) to
   `workdir/damaged_checkpoints/`, so the run can save those steps again; nothing is
   deleted."""
-  newer = [s for s in manager.all_steps() if s > good_step]
-  if not newer or jax.process_index() != 0:
-    return
+  set_aside(manager, [s for s in manager.all_steps() if s > good_step], workdir)
+
+
+def set_aside(manager, steps, workdir: str) -> list[str]:
+  """Moves checkpoints `steps` (and their sha256 records) to workdir/damaged_checkpoints/
+  (process 0); returns where they went."""
+  if not steps or jax.process_index() != 0:
+    return []
   aside = os.path.join(workdir, DAMAGED_DIR)
   os.makedirs(aside, exist_ok=True)
-  for step in newer:
+  moved = []
+  for step in steps:
     dest = os.path.join(aside, f"{step}-{int(time.time())}")
     os.replace(os.path.join(str(manager.directory), str(step)), dest)
+    record = os.path.join(workdir, checkpoint.STEP_DIGESTS, f"{step}.json")
+    if os.path.exists(record):
+      os.replace(record, os.path.join(dest, "sha256.json"))
     log.warning("moved damaged checkpoint %d to %s", step, dest)
+    moved.append(dest)
   manager.reload()
+  return moved
 
 
 def finished_results(config, workdir: str, step: int) -> dict | None:

@@ -34,7 +34,9 @@ def main():
   distributed.initialize(opts.get("coordinator_address"),
                          int(opts["num_processes"]) if "num_processes" in opts else None,
                          int(opts["process_id"]) if "process_id" in opts else None,
-                         heartbeat_timeout_s=int(opts.get("heartbeat_timeout_s", 100)))
+                         heartbeat_timeout_s=int(opts.get("heartbeat_timeout_s", 100)),
+                         initialization_timeout_s=int(opts.get("initialization_timeout_s",
+                                                               300)))
   import jax
   import numpy as np
 
@@ -48,7 +50,11 @@ def main():
     if signal_at is not None and step == signal_at:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  res = loop.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
+  try:
+    res = loop.train_and_evaluate(cfg, workdir, step_hook=hook, return_params=True)
+  except Exception:
+    distributed.await_lost_peer()  # as main.py: a lost peer is one line
+    raise
   if res.get("preempted"):
     print("PREEMPTED AT", res["steps"], flush=True)
     return
