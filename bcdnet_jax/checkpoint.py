@@ -214,9 +214,24 @@ def read_preprocessing(directory: str) -> dict:
 def restore_model(directory: str, rt: runtime.Runtime | None = None) -> nnx.Module:
   """Rebuilds the model saved in `directory` and loads its weights and BN statistics.
 
-  `directory` is a model directory (converter output) or a training workdir (the
-  latest checkpoint is used).
-  Returned in training mode like any new model; call `.eval()` for inference.
+  The architecture comes from the directory's `model.json`; the weights are checked
+  against their recorded sha256 where one is recorded.
+
+  Args:
+    directory: a model directory (converter output, `save_model`) or a training workdir
+      (its newest intact checkpoint is used).
+    rt: the device runtime to place the weights with (replicated); None: all local
+      devices.
+
+  Returns:
+    The model, in training mode like any new model: call `.eval()` for inference. It
+    maps normalised NHWC float32 images to float32 logits (in training mode BCDNet
+    returns both heads).
+
+  Raises:
+    CheckpointError: no such directory, no `model.json` or an unreadable one, neither
+      weights nor training checkpoints, a changed or missing file, weights that do not
+      fit the recorded architecture, or a NaN/infinity in them.
   """
   meta = read_meta(directory)
   spec = meta["spec"]

@@ -79,7 +79,7 @@ def get_config():
   c.eval_every_steps = 0  # 0: only at the end
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
-  # Binarisation diagnostics (bcdnet_jax/diagnostics.py): per-layer flip ratios, clipped
+  # Binarisation diagnostics (bcdnet_jax/train/diagnostics.py): per-layer flip ratios, clipped
   # weights, sign balance, scales, RPReLU slopes, gradient norms in TensorBoard and
   # diagnostics.jsonl. Steps between them: -1 = every log step, 0 = off, N = every N steps.
   c.diagnostics_every_steps = -1

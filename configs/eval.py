@@ -1,5 +1,5 @@
 """Evaluate a model directory (e.g. convert_torch_ckpt.py output) on ImageNet validation:
-  python main.py --config=configs/eval.py --config.checkpoint=ckpt/bcdnet_a --workdir=runs/eval
+  python main.py --config=configs/eval.py --config.checkpoint=runs/ckpt/bcdnet_a --workdir=runs/eval
 and on the test sets reported beside it (TFDS names, optionally ':split'):
   ... --config.eval_datasets=imagenet2012,imagenet_v2,imagenet2012_real
 imagenet_v2 is the matched-frequency variant; imagenet_v2/threshold-0.7 and

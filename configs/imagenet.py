@@ -2,9 +2,9 @@
 on ImageNet validation, ImageNet-V2 (matched frequency) and ReaL:
 
   python convert_torch_ckpt.py --torch_ckpt resnet50-19c8e357.pth --arch resnet50 \\
-      --out ckpt/resnet50                                   # the teacher, once
+      --out runs/ckpt/resnet50                              # the teacher, once
   python main.py --config=configs/imagenet.py --workdir=runs/imagenet \\
-      --config.teacher_dir=ckpt/resnet50
+      --config.teacher_dir=runs/ckpt/resnet50
 
 Writes runs/imagenet/{stage1,stage2,eval}/ and runs/imagenet/results.json. Rerunning the
 same command resumes at any point: finished stages are kept, an interrupted stage resumes

@@ -5,7 +5,7 @@ steps (about 60 epochs at batch 256), colour jitter, KD from the ResNet-50 teach
 (required: convert resnet50-19c8e357.pth with convert_torch_ckpt.py, or opt out with
 --config.teacher_dir=none, recorded as a deviation). configs/imagenet.py runs both stages:
   python main.py --config=configs/stage1.py --workdir=runs/stage1 \
-      --config.teacher_dir=ckpt/resnet50 --config.data_dir=~/tensorflow_datasets
+      --config.teacher_dir=runs/ckpt/resnet50 --config.data_dir=~/tensorflow_datasets
 """
 
 from configs import default

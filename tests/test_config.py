@@ -89,7 +89,7 @@ def test_recipe_configs_require_the_teacher_and_stage2_its_start(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="config.teacher_dir: ") as e:
       config_lib.validate(c)
     assert config_lib.TEACHER_COMMAND in str(e.value)
-    assert "--torch_ckpt resnet50-19c8e357.pth --arch resnet50 --out ckpt/resnet50" in str(
+    assert "--torch_ckpt resnet50-19c8e357.pth --arch resnet50 --out runs/ckpt/resnet50" in str(
         e.value)
   c = stage2.get_config()
   c.teacher_dir = "ckpt/resnet50"

@@ -1,18 +1,20 @@
 """The input pipeline, TensorFlow-free at run time.
 
-    sources    random access to (image bytes, label, name): TFDS data sources (ArrayRecord),
-               the digits demo; label and decode checks
-    folders    folder trees of every file PIL opens (ImageFolder order), checked first
-    order      the global example stream: a seeded permutation of the whole split per
-               epoch, this process's rows of each global batch, the position a function of
-               the step (resuming at step k reads O(batch) records, not O(k))
-    transforms PIL decoding and torchvision's transforms on PIL images (uint8 out)
-    loader     Grain: source + order + transforms -> uint8 host batches (threads),
-               evaluation padded + masked, prefetch to the device
-    prepare    `bcdnet-prepare`: build or convert TFDS datasets to ArrayRecord
+The trainer asks for an iterator of host batches at a step (`loader.train_batches`);
+mean/std normalisation runs on the device inside the jitted steps
+(`preprocessing.normalize`).
 
-`train.py` asks for an iterator of host batches at a step (`loader.train_batches`); mean/std
-normalisation runs on the device inside the jitted steps (`preprocessing.normalize`).
+Modules:
+  sources: random access to (image bytes, label, name): TFDS data sources (ArrayRecord),
+    the digits demo; label and decode checks.
+  folders: folder trees of every file PIL opens (ImageFolder order), checked first.
+  order: the global example stream: a seeded permutation of the whole split per epoch,
+    this process's rows of each global batch, the position a function of the step
+    (resuming at step k reads O(batch) records, not O(k)).
+  transforms: PIL decoding and torchvision's transforms on PIL images (uint8 out).
+  loader: Grain: source + order + transforms -> uint8 host batches (threads), evaluation
+    padded + masked, prefetch to the device.
+  prepare: `bcdnet-prepare`: build or convert TFDS datasets to ArrayRecord.
 """
 
 from bcdnet_jax.data.folders import check_folder

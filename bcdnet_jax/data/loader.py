@@ -36,7 +36,17 @@ from bcdnet_jax.data import transforms
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The input pipeline's view of a run config (`train._data_config`)."""
+  """The input pipeline's view of a run config (built by the trainer from it).
+
+  Attributes:
+    image_size: side S of the square uint8 images, pixels.
+    eval_crop_ratio: evaluation centre crop over the resized shorter side, in (0, 1].
+    color_jitter: (brightness, contrast, saturation, hue) of torchvision's ColorJitter.
+    crop_scale: RandomResizedCrop's area range (min, max).
+    random_flip: horizontal flip with p = 0.5 in training.
+    seed: keys every random draw with the stream position.
+    workers: decoding threads per process; 0: `default_workers()`.
+  """
   image_size: int
   eval_crop_ratio: float = 224 / 256
   color_jitter: tuple = (0.0, 0.0, 0.0, 0.0)
@@ -48,8 +58,12 @@ class DataConfig:
 
 
 def default_workers() -> int:
-  """All cores of this process's share (its CPU affinity: SLURM's --cpus-per-task) but one
-  (the training loop's), at least 1."""
+  """Decoding threads when none are asked for.
+
+  Returns:
+    All cores of this process's share (its CPU affinity: SLURM's --cpus-per-task) but
+    one (the training loop's), at least 1.
+  """
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
@@ -115,10 +129,25 @@ def _pipeline(fn: Callable[[int], dict], num_elements: int, local_batch: int,
 
 def train_batches(source, cfg: DataConfig, order: order_lib.TrainOrder, start_step: int,
                   stop_step: int) -> Iterator[dict]:
-  """Host batches of global batches start_step .. stop_step - 1 for this process:
-  `{"image": uint8 [local, S, S, 3], "label": int32 [local]}`. Reads only this process's
-  records of those batches (nothing before `start_step`). An undecodable image raises
-  `transforms.ImageDecodeError` naming it (the run stops; skipping would change the order)."""
+  """This process's host batches of global batches `start_step .. stop_step - 1`.
+
+  Reads only this process's records of those batches (nothing before `start_step`), so
+  resuming at step k costs O(batch), not O(k).
+
+  Args:
+    source: the training split (`open_source`).
+    cfg: image size, augmentation, seed and threads.
+    order: the global stream and this process's rows of it.
+    start_step: the first global batch.
+    stop_step: one past the last global batch.
+
+  Returns:
+    An iterator of `{"image": uint8 [local, S, S, 3], "label": int32 [local]}`.
+
+  Raises:
+    ImageDecodeError: (while iterating) an undecodable image, named; the run stops, since
+      skipping it would change the order.
+  """
   n = max(0, stop_step - start_step) * order.local_batch
   return iter(_pipeline(_TrainExample(source, cfg, order, start_step), n, order.local_batch,
                         cfg))
@@ -126,11 +155,27 @@ def train_batches(source, cfg: DataConfig, order: order_lib.TrainOrder, start_st
 
 def eval_batches(source, cfg: DataConfig, local_batch: int, global_batch: int, *,
                  process_index: int = 0, process_count: int = 1):
-  """(iterator of host batches, number of batches, number of examples in the split).
+  """This process's evaluation batches of a whole split, padded and masked.
 
-  Batches: `{"image": uint8 [local, S, S, 3], "labels": float32 [local, classes],
-  "mask": float32 [local]}`; every process yields the same number of batches and each
-  example appears once, in one row of one process (`order.EvalOrder`)."""
+  Every process yields the same number of batches and each example appears once, in one
+  row of one process (`order.EvalOrder`).
+
+  Args:
+    source: the evaluation split (`open_source`).
+    cfg: image size and crop ratio, threads.
+    local_batch: rows per batch of this process (= global_batch / process_count).
+    global_batch: rows per batch over all processes.
+    process_index: this process.
+    process_count: processes evaluating.
+
+  Returns:
+    (iterator of host batches, number of batches, number of examples in the split);
+    a batch is `{"image": uint8 [local, S, S, 3], "labels": float32 [local, classes],
+    "mask": float32 [local]}` (mask 0 on padding rows).
+
+  Raises:
+    ValueError: `local_batch` is not `global_batch / process_count`.
+  """
   o = order_lib.EvalOrder(len(source), global_batch, process_index=process_index,
                           process_count=process_count)
   if o.local_batch != local_batch:
@@ -141,13 +186,19 @@ def eval_batches(source, cfg: DataConfig, local_batch: int, global_batch: int, *
 
 
 class DevicePrefetch:
-  """Puts the next `size` host batches on the device (`put`: e.g.
-  `runtime.Runtime.global_batch`) while the current step runs; records how long the
-  consumer was blocked waiting for host batches after the first (`wait_s`, from `since`:
-  the start of the second request, i.e. after compilation). JAX dispatches steps
-  asynchronously, so the device may still be computing during part of that time: the
-  fraction is an upper bound of the time the step waited for input (0: input never held
-  the loop up)."""
+  """Puts the next `size` host batches on the device while the current step runs.
+
+  It records how long the consumer was blocked waiting for host batches after the first
+  (`wait_s`, from `since`: the start of the second request, i.e. after compilation). JAX
+  dispatches steps asynchronously, so the device may still be computing during part of
+  that time: `wait_fraction()` is an upper bound of the time the step waited for input
+  (0: input never held the loop up).
+
+  Args:
+    host_batches: an iterator of host batches.
+    put: host batch -> device batch, e.g. `runtime.Runtime.global_batch`.
+    size: batches kept ahead on the device.
+  """
 
   def __init__(self, host_batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
     self._it, self._put, self._size = host_batches, put, size
@@ -193,9 +244,19 @@ EVAL_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
 
 
 def parse_eval_dataset(entry: str, default_split: str) -> tuple[str, str]:
-  """'name[:split]' -> (TFDS name, split); the split defaults to the set's own
-  (`EVAL_SPLITS`: validation for imagenet2012 and ReaL, test for ImageNet-V2).
-  'folder:/path:split' keeps the path whole (the split is after the last colon)."""
+  """Splits an `eval_datasets` entry 'name[:split]' into (TFDS name, split).
+
+  'folder:/path:split' keeps the path whole (the split is after the last colon).
+
+  Args:
+    entry: one comma-separated entry of `config.eval_datasets`.
+    default_split: the split when the entry names none and the set has no own split.
+
+  Returns:
+    (name, split); the split defaults to the set's own (`EVAL_SPLITS`: validation for
+    imagenet2012 and ReaL, test for ImageNet-V2), else `default_split`; 'imagenet_v2'
+    is its matched-frequency variant, the one papers report.
+  """
   entry = entry.strip()
   if entry.startswith("folder:"):
     root, sep, split = entry[len("folder:"):].rpartition(":")

@@ -20,8 +20,17 @@ import numpy as np
 
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The order of the split's records in `epoch`: int64 [num_examples], a permutation of
-  range(num_examples), new for every (seed, epoch); read-only (it is cached)."""
+  """The order of the split's records in `epoch`, new for every (seed, epoch).
+
+  Args:
+    num_examples: records in the split.
+    seed: the run's seed.
+    epoch: the epoch, from 0.
+
+  Returns:
+    int64 [num_examples], a permutation of `range(num_examples)`; read-only (it is
+    cached).
+  """
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
   perm.flags.writeable = False
   return perm
@@ -30,9 +39,20 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 class TrainOrder:
   """The rows of this process in the global training stream.
 
-  `num_examples` records in the split, `global_batch` rows per step over
-  `process_count` processes (it must divide). `records(step)` -> (record indices,
-  stream positions) of this process's rows of global batch `step`, each int64 [local].
+  Global batch `step` is stream positions `[step * global_batch, (step + 1) *
+  global_batch)`; position q reads record `epoch_permutation(n, seed, q // n)[q % n]`.
+  `records(step)` gives this process's rows of it.
+
+  Args:
+    num_examples: records in the split (n > 0).
+    global_batch: rows per step over all processes; a multiple of `process_count`.
+    seed: the run's seed.
+    process_index: this process, in `[0, process_count)`.
+    process_count: processes reading the stream.
+
+  Raises:
+    ValueError: an empty split, a batch that is not a positive multiple of the process
+      count, or a process index out of range.
   """
 
   def __init__(self, num_examples: int, global_batch: int, seed: int, *,
@@ -71,10 +91,22 @@ class TrainOrder:
 
 
 class EvalOrder:
-  """Evaluation in split order, padded: global batch b is positions [b * G, (b + 1) * G) of
-  0..num_examples-1, process p takes rows [p * L, (p + 1) * L); positions past the end are
-  padding (record -1, masked out). Every process has `num_batches` batches and every
-  example is in exactly one row of one process."""
+  """Evaluation in split order, padded.
+
+  Global batch b is positions `[b * G, (b + 1) * G)` of `0 .. num_examples - 1` (G the
+  global batch), process p takes rows `[p * L, (p + 1) * L)` (L = G / process_count);
+  positions past the end are padding (record -1, masked out). Every process has
+  `num_batches` batches and every example is in exactly one row of one process.
+
+  Args:
+    num_examples: records in the split.
+    global_batch: rows per batch over all processes; a multiple of `process_count`.
+    process_index: this process, in `[0, process_count)`.
+    process_count: processes evaluating.
+
+  Raises:
+    ValueError: a batch that is not a positive multiple of the process count.
+  """
 
   def __init__(self, num_examples: int, global_batch: int, *, process_index: int = 0,
                process_count: int = 1):

@@ -15,7 +15,7 @@ Three kinds, chosen by the name given to `open_source`:
   not import TensorFlow.
 - "digits": scikit-learn's handwritten digits as 32x32 RGB PNGs, prepared through TFDS in
   ArrayRecord format on first use (quietly).
-- "folder:/root": an ImageFolder tree root/<split>/<class>/<file>, every file PIL opens.
+- "folder:/root": an ImageFolder tree `root/<split>/<class>/<file>`, every file PIL opens.
 
 Sources hold no open file handles when pickled (Grain workers), and reopen on first read.
 """
@@ -66,8 +66,13 @@ def manual_tars(dataset: str) -> tuple[str, ...]:
 class Source:
   """A random-access split of (encoded image, label, name) records; see the module doc.
 
-  Attributes: `dataset` and `split` as given to `open_source`; `num_classes`; `multi_label`
-  (True for ReaL-style label sets, whose "label" is an int64 array).
+  `source[i]` is one record dict, `len(source)` the number of records.
+
+  Attributes:
+    dataset: the data set name as given to `open_source`.
+    split: the split name as given to `open_source`.
+    num_classes: classes of the data set.
+    multi_label: True for ReaL-style label sets, whose "label" is an int64 array.
   """
 
   dataset: str
@@ -391,13 +396,21 @@ def open_digits(split: str, data_dir: str | None) -> TfdsSource:
 def open_source(dataset: str, split: str, data_dir: str | None) -> Source:
   """The random-access source of `dataset`'s `split`.
 
-  `dataset`: a TFDS name prepared in ArrayRecord format under `data_dir` (default
-  $TFDS_DATA_DIR or ~/tensorflow_datasets), "digits" (prepared there on first use) or
-  "folder:/root". Raises `DataError` (one line) for an unknown name, a data set not
-  prepared (naming the `python -m bcdnet_jax prepare` command and the ImageNet archives it
-  needs), one prepared only in TFRecord format (naming the conversion command), an unknown
-  split (listing the splits), or a folder tree that breaks `check_folder` or holds files
-  that are not images.
+  Args:
+    dataset: a TFDS name prepared in ArrayRecord format under `data_dir`, "digits"
+      (prepared there on first use) or "folder:/root".
+    split: the split name, e.g. "train", "validation", "test".
+    data_dir: TFDS' data directory; None for `$TFDS_DATA_DIR` or `~/tensorflow_datasets`.
+
+  Returns:
+    The `Source`: records of encoded image bytes, label and name.
+
+  Raises:
+    DataError: (one line) an unknown name, a data set not prepared (naming the
+      `python -m bcdnet_jax prepare` command and the ImageNet archives it needs), one
+      prepared only in TFRecord format (naming the conversion command), an unknown split
+      (listing the splits), or a folder tree that breaks `check_folder` or holds files
+      that are not images.
   """
   if dataset.startswith("folder:"):
     from bcdnet_jax.data import folders
@@ -470,16 +483,33 @@ def _decode_problems(source: Source, threads: int) -> list[tuple[str, Exception]
 
 
 def undecodable(source: Source, *, threads: int = 2) -> list[str]:
-  """The names of the records of `source` whose image `transforms.decode` (PIL, as
-  training and evaluation decode) cannot decode, in index order; every image is read and
-  decoded once (a thread pool: PIL releases the GIL while decoding)."""
+  """The records of `source` whose image PIL cannot decode, as training decodes them.
+
+  Every image is read and decoded once by `transforms.decode`, in a thread pool (PIL
+  releases the GIL while decoding).
+
+  Args:
+    source: the split to check.
+    threads: decoding threads.
+
+  Returns:
+    The names of the undecodable records, in index order.
+  """
   return [name for name, _ in _decode_problems(source, threads)]
 
 
 def check_images(source: Source, *, threads: int = 2) -> None:
-  """Raises `DataError` naming the records of `source` whose image cannot be decoded: over
-  the pixel limit (the first named with its size and the limit, and how to raise it), or
-  else not an image format PIL reads, empty or truncated."""
+  """Decodes every image of `source` once (see `undecodable`).
+
+  Args:
+    source: the split to check.
+    threads: decoding threads.
+
+  Raises:
+    DataError: naming the records whose image cannot be decoded: over the pixel limit
+      (the first named with its size and the limit, and how to raise it), or else not an
+      image format PIL reads, empty or truncated.
+  """
   from bcdnet_jax.data.transforms import ImageTooLargeError
   problems = _decode_problems(source, threads)
   large = [e for _, e in problems if isinstance(e, ImageTooLargeError)]

@@ -115,9 +115,17 @@ def decode(raw: bytes, name: str = "<bytes>") -> Image.Image:
   RGBA (alpha dropped) and 16-bit images into RGB as PIL does; animations give their first
   frame. The pixels are decoded here (not lazily), so a broken file fails now.
 
-  Raises `ImageDecodeError` naming `name` when PIL cannot identify or fully decode the
-  bytes (empty, truncated, not an image); `ImageTooLargeError` (a subclass) for an image
-  over `max_image_pixels()`.
+  Args:
+    raw: the encoded file's bytes.
+    name: the image's name for the error message.
+
+  Returns:
+    The decoded RGB `PIL.Image.Image`.
+
+  Raises:
+    ImageDecodeError: naming `name`, when PIL cannot identify or fully decode the bytes
+      (empty, truncated, not an image).
+    ImageTooLargeError: (a subclass) for an image over `max_image_pixels()`.
   """
   set_max_image_pixels(_limit)  # PIL's warning silenced, our line instead (once)
   try:
@@ -384,10 +392,24 @@ def _resize_center_crop(img: Image.Image, resize: int, size: int) -> Image.Image
 
 def eval_transform(raw: bytes, *, image_size: int, crop_ratio: float,
                    name: str = "<bytes>") -> np.ndarray:
-  """uint8 [image_size, image_size, 3]: torchvision's `Resize(eval_resize_size(...))` +
-  `CenterCrop(image_size)` on the PIL-decoded image (only the crop is computed, with PIL's
-  own resize: `_resize_center_crop`). Raises `ImageDecodeError` naming `name` for
-  undecodable bytes."""
+  """The evaluation transform: torchvision's `Resize` + `CenterCrop` on the PIL image.
+
+  `Resize(eval_resize_size(image_size, crop_ratio))` then `CenterCrop(image_size)`; only
+  the crop is computed, with PIL's own resize (`_resize_center_crop`), so the pixels equal
+  torchvision's.
+
+  Args:
+    raw: the encoded image's bytes.
+    image_size: side of the output, pixels.
+    crop_ratio: image_size over the resized shorter side, in (0, 1] (224/256 as released).
+    name: the image's name for the error message.
+
+  Returns:
+    uint8 [image_size, image_size, 3].
+
+  Raises:
+    ImageDecodeError: naming `name`, for undecodable bytes.
+  """
   img = decode(raw, name)
   return np.asarray(_resize_center_crop(img, eval_resize_size(image_size, crop_ratio),
                                         image_size))

@@ -69,11 +69,19 @@ class ArtefactError(errors.UserError):
 # --- bits ------------------------------------------------------------------------------------
 
 def num_words(channels: int) -> int:
+  """uint32 words that hold `channels` sign bits: ceil(channels / 32)."""
   return -(-channels // WORD)
 
 
 def pack_bits(b):
-  """Packs a boolean (..., C) along C into uint32 (..., ceil(C / 32)); bit i = channel i."""
+  """Packs booleans along the last axis into uint32 words.
+
+  Args:
+    b: boolean (..., C).
+
+  Returns:
+    uint32 (..., ceil(C / 32)); bit i of word j is channel 32 j + i, padding bits 0.
+  """
   c = b.shape[-1]
   pad = num_words(c) * WORD - c
   b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, pad)])
@@ -82,7 +90,15 @@ def pack_bits(b):
 
 
 def unpack_bits(words, channels: int):
-  """Inverse of `pack_bits`: uint32 (..., W) -> boolean (..., channels)."""
+  """The inverse of `pack_bits`.
+
+  Args:
+    words: uint32 (..., W).
+    channels: channels to keep (<= 32 W).
+
+  Returns:
+    boolean (..., channels).
+  """
   bits = (words[..., None] >> jnp.arange(WORD, dtype=jnp.uint32)) & 1
   return bits.reshape(*words.shape[:-1], -1)[..., :channels].astype(bool)
 
@@ -100,11 +116,23 @@ def _patches(x, ksize: int, stride: int, padding: int):
 
 
 def xnor_popcount_conv(signs, wbits, wmask, ksize: int, stride: int, padding: int):
-  """Integer conv D of a {-1, 0, 1} NHWC tensor with packed ±1/0 weights, by XNOR-popcount.
+  """Integer convolution D of ±1/0 activations with packed ±1/0 weights, by XNOR-popcount.
 
   For each pair of words a (activation bits), m (activation non-zero mask), w: the entries
   that agree contribute +1, those that differ -1, masked ones 0:
-  D = 2 popcount(m & ~(a ^ w)) - popcount(m). `wbits`/`wmask` are (O, ksize*ksize*W).
+  `D = 2 popcount(m & ~(a ^ w)) - popcount(m)`.
+
+  Args:
+    signs: {-1, 0, 1} NHWC activations (N, H, W, C), any numeric dtype.
+    wbits: uint32 (O, ksize * ksize * words) weight sign bits (1: +1), `num_words(C)`
+      words per tap.
+    wmask: uint32 like `wbits`, the non-zero weights, or None when none is zero.
+    ksize: kernel side.
+    stride: stride in both directions.
+    padding: symmetric zero padding (zeros count 0, as in the float model).
+
+  Returns:
+    int32 (N, Ho, Wo, O), exactly the integer convolution.
   """
   a = _patches(pack_bits(signs > 0), ksize, stride, padding)
   m = _patches(pack_bits(signs != 0), ksize, stride, padding)
@@ -128,8 +156,16 @@ def xnor_popcount_conv(signs, wbits, wmask, ksize: int, stride: int, padding: in
 
 
 def mask_from_zeros(zeros, bits_shape) -> np.ndarray:
-  """`.zeros` positions -> the packed non-zero mask (uint32, `bits_shape`): all bits set
-  but those listed (bits past the last channel are ignored by every user of the mask)."""
+  """The packed non-zero mask of a conv from its `.zeros` tensor.
+
+  Args:
+    zeros: int32 positions of the zero weights' bits in the flat bit array of `.bits`.
+    bits_shape: the shape of the conv's `.bits`.
+
+  Returns:
+    uint32 `bits_shape`: all bits set but those listed (bits past the last channel are
+    ignored by every user of the mask).
+  """
   words = np.full(math.prod(bits_shape), 0xFFFFFFFF, np.uint32)
   zeros = np.asarray(zeros, np.int64)
   np.bitwise_and.at(words, zeros // WORD,
@@ -138,7 +174,18 @@ def mask_from_zeros(zeros, bits_shape) -> np.ndarray:
 
 
 def signs_from_bits(wbits, wmask, ksize: int, in_features: int, dtype):
-  """Packed (O, k*k*W) weights -> HWIO tensor of ±1 (0 where masked) in `dtype`."""
+  """Unpacks a conv's weights into a dense kernel.
+
+  Args:
+    wbits: uint32 (O, ksize * ksize * W) sign bits.
+    wmask: uint32 like `wbits` (the non-zero weights) or None.
+    ksize: kernel side.
+    in_features: input channels (<= 32 W).
+    dtype: the kernel's dtype, e.g. int8 or float32.
+
+  Returns:
+    HWIO (ksize, ksize, in_features, O) of ±1, 0 where masked, in `dtype`.
+  """
   o = wbits.shape[0]
   w = num_words(in_features)
   bits = unpack_bits(wbits.reshape(o, ksize, ksize, w), in_features)
@@ -271,11 +318,14 @@ def _affine_tensors(n, k, cin, cout):
 
 @dataclasses.dataclass(frozen=True)
 class OpKind:
-  """Everything the deploy runtime knows of one kind of program op.
+  """Everything the deploy runtime knows of one kind of program op (see `OPS`).
 
-  `run(t, x, op, path, relu)` computes it; `out(op, c)` is its output width for input
-  width c; `tensors(op, c, o)` the tensors (name -> shape) it needs, which `validate`
-  checks; `check(op, c, o)` returns what is wrong with its parameters, if anything.
+  Attributes:
+    run: `run(t, x, op, path, relu)` computes the op on activations x with its tensors t.
+    tensors: `tensors(op, c, o)`, the tensors (name -> shape) it needs for input width c
+      and output width o; `validate` checks them.
+    out: `out(op, c)`, its output width for input width c.
+    check: `check(op, c, o)`, what is wrong with its parameters, or None.
   """
   run: Callable
   tensors: Callable
@@ -316,7 +366,17 @@ OPS: dict[str, OpKind] = {
 
 
 def op_kind(op: dict) -> OpKind:
-  """The registry entry of a program op; an unknown kind is an error, never a no-op."""
+  """The registry entry of a program op.
+
+  Args:
+    op: one op of the header's program (`{"op": kind, "name": ..., ...}`).
+
+  Returns:
+    Its `OpKind`.
+
+  Raises:
+    ArtefactError: an unknown kind (never a silent no-op).
+  """
   kind = OPS.get(op.get("op"))
   if kind is None:
     raise ArtefactError(f"program op {op.get('name')!r}: unknown kind {op.get('op')!r}; "
@@ -325,7 +385,18 @@ def op_kind(op: dict) -> OpKind:
 
 
 def forward(program: list[dict], t: dict, x, path: str, relu: bool = False):
-  """Logits of the program on normalised NHWC float32 images `x`."""
+  """Runs a program op by op (unjitted; `DeployModel` jits per op).
+
+  Args:
+    program: the header's program.
+    t: tensor name -> array, as `read` returns them.
+    x: normalised NHWC float32 images (N, H, W, 3).
+    path: 'packed', 'int8' or 'float'.
+    relu: the spec's `dynamic_relu`.
+
+  Returns:
+    float32 logits (N, num_classes).
+  """
   for op in program:
     x = op_kind(op).run(t, x, op, path, relu)
   return x
@@ -373,13 +444,30 @@ def _head(hbytes: bytes, digest: bytes) -> bytes:
 
 
 def file_size(header: dict, meta: dict[str, tuple[np.dtype, tuple]]) -> int:
-  """The exact size `write` gives, from dtypes and shapes alone."""
+  """The size `write` gives, from dtypes and shapes alone.
+
+  Args:
+    header: the JSON header (without the tensor table).
+    meta: tensor name -> (dtype, shape).
+
+  Returns:
+    The file size in bytes, exactly.
+  """
   table, n = _table(meta)
   return len(_head(_header_bytes(header, table, n), b"\0" * 32)) + n
 
 
 def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
-  """Writes header + tensors (each 64-byte aligned) to `path`; returns the file size."""
+  """Writes an artefact: prefix, JSON header, tensors (each 64-byte aligned).
+
+  Args:
+    path: the file to write (overwritten; `export` writes a temporary file and renames).
+    header: the JSON header (spec, program, preprocessing); the tensor table is added.
+    tensors: name -> array.
+
+  Returns:
+    The file size in bytes.
+  """
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   table, n = _table({k: (v.dtype, v.shape) for k, v in tensors.items()})
   data = bytearray(n)
@@ -395,7 +483,18 @@ def write(path: str, header: dict, tensors: dict[str, np.ndarray]) -> int:
 
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """Reads and verifies an artefact: magic, version, lengths, checksum, tensor table."""
+  """Reads and verifies an artefact: magic, version, lengths, checksum, tensor table.
+
+  Args:
+    path: the artefact file.
+
+  Returns:
+    (header, tensors): the JSON header and tensor name -> NumPy array.
+
+  Raises:
+    ArtefactError: an unreadable, foreign, truncated or corrupted file, another format
+      version, or an inconsistent tensor table.
+  """
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -462,9 +561,20 @@ def _need(tensors, name, shape, where):
 
 
 def validate(header: dict, tensors: dict, where: str = "artefact") -> None:
-  """Checks the header's values for their ranges (`header_checks.check_header`) and the
-  program against the tensors: every op's tensors exist with the shapes that the channel
-  widths in the header imply (a wrong architecture header fails here)."""
+  """Checks the header's values for their ranges and the program against the tensors.
+
+  Every op's tensors must exist with the shapes that the channel widths in the header
+  imply, so a wrong architecture header fails here. The ranges are
+  `header_checks.check_header`'s.
+
+  Args:
+    header: the JSON header.
+    tensors: name -> array.
+    where: what to name in the error (the file).
+
+  Raises:
+    ArtefactError: naming the op and the tensor or parameter that does not fit.
+  """
   program = header.get("program")
   if not isinstance(program, list) or not program:
     raise ArtefactError(f"{where}: header has no program")
@@ -512,7 +622,23 @@ def min_image_size(program: list[dict]) -> int:
 
 
 class DeployModel:
-  """A loaded artefact: `model(x, path="packed")` -> float32 logits, one jitted op at a time."""
+  """A loaded artefact, called as `model(x, path="packed")`, one jitted op at a time.
+
+  Calling it:
+
+  - `x`: normalised NHWC float32 images (N, H, W, C), N >= 1, H and W at least
+    `min_image_size` (preprocess with the header's `preprocessing`).
+  - `path`: 'packed' (XNOR-popcount), 'int8' (int8 products, int32 sums) or 'float'
+    (float32 products); all three give the same integer products.
+  - returns float32 logits (N, num_classes);
+  - raises `ValueError` for another path, shape, an empty batch or too small images.
+
+  Attributes:
+    header: the JSON header (spec, program, preprocessing, tensor table).
+    spec: the architecture (`ModelSpec` fields as JSON).
+    program: the ops, in order.
+    source: the file it was loaded from.
+  """
 
   def __init__(self, header: dict, tensors: dict[str, np.ndarray], source: str = ""):
     self.header = header
@@ -606,10 +732,18 @@ def _zero_weight_correction(conv: str, wmask, out_features: int, in_features: in
 
 
 def load_packed(path: str) -> DeployModel:
-  """Loads an artefact: returns `f(x, path='packed')`, float32 NHWC (normalised) -> logits.
+  """Loads a deploy artefact written by `python -m bcdnet_jax export`.
 
-  `path` is 'packed' (XNOR-popcount), 'int8' or 'float'. Raises `ArtefactError` on a
-  missing, truncated or corrupted file or an inconsistent architecture header.
+  Args:
+    path: the `.bcdnet` file.
+
+  Returns:
+    The model, a `DeployModel`: `f(x, path='packed')` maps normalised NHWC float32
+    images to float32 logits; `path` is 'packed' (XNOR-popcount), 'int8' or 'float'.
+
+  Raises:
+    ArtefactError: a missing, truncated or corrupted file, another format, or an
+      architecture header that does not fit the tensors.
   """
   header, tensors = read(path)
   if header.get("format") != FORMAT:

@@ -21,7 +21,7 @@ from bcdnet_jax import errors, preprocessing
 MODES = ("train", "eval")
 NONE = "none"  # teacher_dir / init_from: explicitly without (a deviation from the recipe)
 TEACHER_COMMAND = ("python convert_torch_ckpt.py --torch_ckpt resnet50-19c8e357.pth "
-                   "--arch resnet50 --out ckpt/resnet50")
+                   "--arch resnet50 --out runs/ckpt/resnet50")
 
 
 ConfigError = errors.ConfigError  # the error type of every check here
@@ -231,7 +231,7 @@ def validate(config, num_devices: int = 1) -> None:
   if not config.teacher_dir:
     raise ConfigError(
         "config.teacher_dir: the released recipe distils from a ResNet-50 teacher; convert "
-        f"it once ({TEACHER_COMMAND}) and add --config.teacher_dir=ckpt/resnet50, or set "
+        f"it once ({TEACHER_COMMAND}) and add --config.teacher_dir=runs/ckpt/resnet50, or set "
         f"--config.teacher_dir={NONE} to train without distillation (recorded as a "
         "deviation from the recipe)")
   if config.model.stage == 2 and not config.init_from:
