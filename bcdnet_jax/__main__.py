@@ -39,4 +39,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from bcdnet_jax import errors
+  errors.run_cli(main)

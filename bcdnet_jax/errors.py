@@ -37,6 +37,22 @@ def one_line():
     sys.exit(report(e))
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def run_cli(main) -> None:
+  """Runs a tool's `main()` and exits with its code; Ctrl-C is one line and exit code 130,
+  not a KeyboardInterrupt traceback."""
+  try:
+    code = main()
+  except KeyboardInterrupt:
+    print("interrupted (Ctrl-C); files are written whole or not at all: rerun the same "
+          "command (an --out written before the interruption needs --overwrite)",
+          file=sys.stderr)
+    code = EXIT_INTERRUPTED
+  sys.exit(code)
+
+
 def first_non_finite(named_arrays) -> str | None:
   """'name (k of n)' of the first float array with a NaN or infinity, else None."""
   import numpy as np

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bcdnet_jax import errors
 from bcdnet_jax.nn import models, stats
@@ -151,7 +150,7 @@ def main(argv=None):
 
 def cli() -> None:
   """The `bcdnet-summary` console script."""
-  sys.exit(main())
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":

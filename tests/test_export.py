@@ -358,3 +358,28 @@ def test_a_model_without_preprocessing_record_is_said_by_export_and_asked_by_pre
   assert o.out.startswith(str(png)) and o.err.splitlines()[-1].endswith(
       f"{out} records no preprocessing: using --image_size 32, crop ratio 0.875 and "
       "ImageNet's mean and standard deviation")
+
+
+def test_verify_fails_and_removes_an_artefact_that_is_not_the_model(tmp_path, capsys,
+                                                                    small_ckpt, monkeypatch):
+  """A wrong fold (simulated: the loaded artefact's logits negated) makes --verify fail in
+  one line, exit 2, with the artefact removed; an exact one passes."""
+  out = str(tmp_path / "m.bcdnet")
+  real = export.load_packed
+
+  def negated(path):
+    f = real(path)
+    return lambda x, path="packed": -f(x, path=path)
+
+  monkeypatch.setattr(export, "load_packed", negated)
+  assert export.main(["--checkpoint", small_ckpt, "--out", out, "--verify",
+                      "--verify_image_size", "32"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --verify: the artefact's packed path "
+                                             "differs from the float model by "), err
+  assert err[0].endswith(f"the export is not exact (a block folded wrongly?); {out} removed")
+  assert not os.path.exists(out)
+  monkeypatch.setattr(export, "load_packed", real)
+  assert export.main(["--checkpoint", small_ckpt, "--out", out, "--verify",
+                      "--verify_image_size", "32"]) == 0
+  assert os.path.exists(out)

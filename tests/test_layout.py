@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "bcdnet_jax")
 HEAVY = ("torch", "tensorflow", "grain", "orbax")
@@ -105,3 +107,19 @@ def test_top_level_entry_points_and_the_command_dispatcher(capsys):
   assert capsys.readouterr().err.strip() == (
       "error: unknown command 'nope'; one of: convert, export, predict, prepare, report, "
       "summary (python -m bcdnet_jax --help)")
+
+
+def test_ctrl_c_in_a_tool_is_one_line_and_exit_130(capsys):
+  from bcdnet_jax import errors
+
+  def interrupted():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as e:
+    errors.run_cli(interrupted)
+  assert e.value.code == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("interrupted (Ctrl-C); ")
+  with pytest.raises(SystemExit) as e:
+    errors.run_cli(lambda: 2)
+  assert e.value.code == 2

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bcdnet_jax import errors
 from bcdnet_jax.nn import blocks, layers, models, quantizers, stats
 from examples import tiny_bnn
 
@@ -170,11 +171,18 @@ def test_registry_names_and_mistakes():
   m = models.build(spec, seed=0)
   assert isinstance(m, nnx.Sequential) and m.spec == spec and m(jnp.ones((2, 32, 32, 1))).shape \
       == (2, 10)
-  assert models.get_spec("tiny_blocks", stage=1).builder == "tiny_blocks"  # register_model
+  # a registered name is recorded as its importable module:function, so a fresh process
+  # (evaluation, export, summary) can build the model again
+  assert models.get_spec("tiny_blocks", stage=1).builder == "examples.tiny_bnn:create_blocks"
+  unknown = models.ModelSpec(family="custom", builder="zz_registered_elsewhere", stage=2,
+                             num_classes=10)
+  with pytest.raises(errors.UserError, match="unknown model name 'zz_registered_elsewhere': "
+                     "expected a preset, 'module:function'"):
+    models.build(unknown, seed=0)  # what restore_model does: one error line, no traceback
   for name, msg in [("nosuchmod:create", "cannot import module 'nosuchmod'"),
                     ("examples.tiny_bnn:nope", "module 'examples.tiny_bnn' has no function"),
                     ("tiny", "unknown model name 'tiny'")]:
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(errors.UserError, match=msg):
       models.get_spec(name)
   with pytest.raises(ValueError, match="override 'channels' does not apply to the custom"):
     models.get_spec("tiny_blocks", channels=(4, 8))

@@ -84,7 +84,6 @@ class _TrainExample:
 
   def __call__(self, j: int) -> dict:
     o, cfg = self.order, self.cfg
-    transforms.set_max_image_pixels(cfg.max_image_pixels)  # in this worker too
     step, row = divmod(int(j), o.local_batch)
     position = (self.start_step + step) * o.global_batch + o.process_index * o.local_batch + row
     ex = self.source[o.record(position)]
@@ -102,7 +101,6 @@ class _EvalExample:
     self.source, self.cfg, self.order, self.num_classes = source, cfg, order, num_classes
 
   def __call__(self, j: int) -> dict:
-    transforms.set_max_image_pixels(self.cfg.max_image_pixels)  # in this worker too
     batch, row = divmod(int(j), self.order.local_batch)
     index = int(self.order.records(batch)[row])
     s = self.cfg.image_size
@@ -149,6 +147,9 @@ def train_batches(source, cfg: DataConfig, order: order_lib.TrainOrder, start_st
       skipping it would change the order.
   """
   n = max(0, stop_step - start_step) * order.local_batch
+  # PIL's limit is process-wide: set once here for the worker threads, not per example
+  # (a pipeline still draining would reset it under the next one)
+  transforms.set_max_image_pixels(cfg.max_image_pixels)
   return iter(_pipeline(_TrainExample(source, cfg, order, start_step), n, order.local_batch,
                         cfg))
 
@@ -181,6 +182,7 @@ def eval_batches(source, cfg: DataConfig, local_batch: int, global_batch: int, *
   if o.local_batch != local_batch:
     raise ValueError(f"local batch {local_batch} != {global_batch} / {process_count}")
   fn = _EvalExample(source, cfg, o, int(source.num_classes))
+  transforms.set_max_image_pixels(cfg.max_image_pixels)  # process-wide, once (train_batches)
   return iter(_pipeline(fn, o.num_batches * local_batch, local_batch, cfg)), \
       o.num_batches, len(source)
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import Callable
 
 import jax
@@ -452,6 +451,25 @@ def verify(model, predict: DeployModel, *, batch: int = 4, image_size: int = 64,
 
 MAX_VERIFY_IMAGE_SIZE = 1024  # px: random images for a comparison; larger proves nothing more
 MAX_VERIFY_BATCH = 256
+# A path's largest |logit difference| from the float model, relative to max(1, max |logit|),
+# above which --verify fails. Exact folds measure ~1e-7; a sign flipped where a
+# pre-activation sits within float32 rounding of 0 can move logits by ~1e-3; a wrong fold
+# (a block kind folded wrongly, a scale lost) moves them by O(1).
+VERIFY_RTOL = 1e-2
+
+
+def check_verified(res: dict, out: str) -> None:
+  """Raises ExportError (after removing `out`) when a path of the float32-stored
+  artefact (with --float16: of the in-memory float32 one) is not the float model's."""
+  for path, r in res.items():
+    q = r.get("float32", r)
+    tol = VERIFY_RTOL * max(1.0, q["max_logit"])
+    if q["max_abs_diff"] > tol:
+      os.remove(out)
+      raise ExportError(
+          f"--verify: the artefact's {path} path differs from the float model by "
+          f"{q['max_abs_diff']:.3g} (max |logit| {q['max_logit']:.3g}; at most {tol:.3g} "
+          f"allowed): the export is not exact (a block folded wrongly?); {out} removed")
 
 
 def _print_verify(res: dict, real_dtype: str, batch: int, size: int) -> None:
@@ -525,6 +543,7 @@ def main(argv=None) -> int:
       res = verify(model, load_packed(a.out), batch=a.verify_batch,
                    image_size=a.verify_image_size, float32=f32)
       _print_verify(res, dtype, a.verify_batch, a.verify_image_size)
+      check_verified(res, a.out)
       report["verify"] = res
   except (errors.UserError, ValueError) as e:
     return errors.report(e)
@@ -534,7 +553,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
   """The `bcdnet-export` console script."""
-  sys.exit(main())
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":

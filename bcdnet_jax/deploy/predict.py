@@ -205,7 +205,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
   """The `bcdnet-predict` console script."""
-  sys.exit(main())
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -530,4 +529,4 @@ def main(argv=None) -> int:
 
 def cli() -> None:
   """The `bcdnet-convert` console script (convert_torch_ckpt.py is the same)."""
-  sys.exit(main())
+  errors.run_cli(main)

@@ -22,10 +22,12 @@ from bcdnet_jax.nn import quantizers as binarize
 from bcdnet_jax.nn.layers import BatchNorm, Conv, Linear, global_avg_pool, max_pool_3x3
 from bcdnet_jax.nn.registry import (  # noqa: F401  (re-exported: models.register_model, ...)
   MODELS,
+  ModelNameError,
   build_custom,
   config_overrides,
   heads,
   is_custom_name,
+  recorded_name,
   register_model,
   resolve_builder,
 )
@@ -276,15 +278,17 @@ def get_spec(name: str, *, stage: int = 2, num_classes: int = 1000,
   (family 'custom'; overrides: in_channels and the arithmetic fields only)."""
   if name not in PRESETS:
     if not is_custom_name(name):
-      raise ValueError(f"unknown model name {name!r}; expected one of {sorted(PRESETS)}, "
-                       "a name registered with register_model, or module:function")
+      raise ModelNameError(f"unknown model name {name!r}; expected one of "
+                           f"{sorted(PRESETS)}, a name registered with register_model (in "
+                           "a module this process has imported), or module:function")
     resolve_builder(name)  # importable, callable
     allowed = {"in_channels", *ARITHMETIC_FIELDS}
     bad = sorted(set(overrides) - allowed)
     if bad:
       raise ValueError(f"override {bad[0]!r} does not apply to the custom model {name!r} "
                        f"(only {sorted(allowed)} do; its builder decides the architecture)")
-    return ModelSpec(family="custom", builder=name, stage=stage, num_classes=num_classes,
+    return ModelSpec(family="custom", builder=recorded_name(name), stage=stage,
+                     num_classes=num_classes,
                      **overrides).validate()
   fields = {f.name for f in dataclasses.fields(ModelSpec)}
   kw = dict(PRESETS[name])

@@ -15,7 +15,19 @@ from typing import Callable
 
 from flax import nnx
 
+from bcdnet_jax import errors
+
 MODELS: dict[str, Callable] = {}
+
+
+class ModelNameError(errors.UserError):
+  """A model name that names no preset, no registered builder and no importable
+  'module:function'; the message says which and how to name it."""
+
+
+_HOW = ("a preset, 'module:function' (the module importable from where you run, e.g. the "
+        "repository root or PYTHONPATH), or a name registered with register_model in a "
+        "module this process has imported")
 
 
 def register_model(name: str | None = None):
@@ -56,17 +68,31 @@ def resolve_builder(name: str) -> Callable:
   if name in MODELS:
     return MODELS[name]
   if not is_custom_name(name):
-    raise ValueError(f"unknown model name {name!r}")
+    raise ModelNameError(f"unknown model name {name!r}: expected {_HOW}")
   module_name, attr = name.split(":", 1)
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); run from "
-                     "the directory that holds it or add it to PYTHONPATH") from None
+    raise ModelNameError(f"model {name!r}: cannot import module {module_name!r} ({e}); run "
+                         "from the directory that holds it or add it to PYTHONPATH") from None
   fn = MODELS.get(attr) if attr not in vars(module) else getattr(module, attr)
   if fn is None or not callable(fn):
-    raise ValueError(f"model {name!r}: module {module_name!r} has no function {attr!r}")
+    raise ModelNameError(f"model {name!r}: module {module_name!r} has no function {attr!r}")
   return fn
+
+
+def recorded_name(name: str) -> str:
+  """The builder name model.json records for `name`: a registered name becomes the
+  'module:function' of its builder where that can be imported again (a fresh process, such
+  as an evaluation or export, does not know names registered in this one); a
+  'module:function' name stays as it is."""
+  fn = MODELS.get(name)
+  if fn is None or ":" in name:
+    return name
+  module, qualname = getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")
+  if module in ("", "__main__") or not qualname.isidentifier():
+    return name  # defined in a script or a closure: only its registered name is known
+  return f"{module}:{qualname}"
 
 
 def heads(outputs):

@@ -29,7 +29,6 @@ import dataclasses
 import html
 import json
 import os
-import sys
 
 from bcdnet_jax import errors
 from bcdnet_jax.train import metric_writer
@@ -430,7 +429,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
   """The `bcdnet-report` console script."""
-  sys.exit(main())
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":
