@@ -320,6 +320,22 @@ def test_distillation_from_a_frozen_teacher(tmp_path, digits_dir):
     loop.train_and_evaluate(small_config(digits_dir, teacher_dir=bdir), str(tmp_path / "x"))
 
 
+def test_a_teacher_dir_that_holds_no_resnet50_is_refused_before_anything(tmp_path, digits_dir):
+  """issue 24: a converted BCDNet as teacher_dir failed inside the step with a shape error;
+  now one line naming the field and what the directory holds, and no workdir written."""
+  student = models.create_model("bcdnet_a", stage=2, num_classes=10, channels=[8, 16],
+                                mlp_groups=1, mlp_group=("lsr", "pw"))
+  tdir = checkpoint.save_model(student, str(tmp_path / "not_a_teacher"))
+  wd = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.run(small_config(digits_dir, teacher_dir=tdir), str(wd))
+  assert str(e.value) == (
+      f"config.teacher_dir: {tdir} holds a stage-2 mobilenet model, not the ResNet-50 "
+      "teacher; convert torchvision's weights with python -m bcdnet_jax convert --torch_ckpt "
+      "resnet50-19c8e357.pth --arch resnet50 --out runs/ckpt/resnet50")
+  assert not wd.exists()
+
+
 # --- the ImageNet test sets, as tiny builders of the same feature layout ---------------------
 
 import tensorflow_datasets as tfds  # noqa: E402

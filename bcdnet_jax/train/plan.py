@@ -115,9 +115,24 @@ def plan_run(config, workdir: str, rt: runtime.Runtime) -> Plan:
   if not config_lib.is_none(config.teacher_dir):
     # the teacher computes under the student's policy (its activations dominate the step)
     with naming("config.teacher_dir"):
+      check_teacher(config.teacher_dir)
       plan.teacher = models.set_dtype_policy(
           checkpoint.restore_model(config.teacher_dir, rt), plan.spec.dtype_policy)
     if plan.teacher.spec.num_classes != num_classes:
       raise ConfigError(f"config.teacher_dir: teacher has {plan.teacher.spec.num_classes} "
                         f"classes, the dataset {num_classes}")
   return plan
+
+
+def check_teacher(path: str) -> None:
+  """Refuses a `teacher_dir` that does not hold a real-valued ResNet-50 (the released KD
+  teacher), from its model.json alone: a BCDNet there would fail inside the step with a
+  shape error after compilation."""
+  spec = checkpoint.read_spec(path)
+  if spec.family != "resnet50":
+    kind = f"{spec.builder} (a custom model)" if spec.family == "custom" else (
+        f"a stage-{spec.stage} {spec.family} model")
+    raise ConfigError(
+        f"config.teacher_dir: {path} holds {kind}, not the ResNet-50 teacher; convert "
+        "torchvision's weights with python -m bcdnet_jax convert --torch_ckpt "
+        "resnet50-19c8e357.pth --arch resnet50 --out runs/ckpt/resnet50")
